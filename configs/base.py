@@ -1,0 +1,44 @@
+"""Keys every experiment config has, with their defaults; `get_base(stage)` is the schema.
+
+`experiments/run.py` rejects any key a config file adds that is not here, naming it and the
+valid keys, so a misspelling never silently becomes a new, unused setting.
+"""
+
+import ml_collections
+
+from configs import models
+
+
+def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
+    """A complete config for `stage` with the model preset `model`."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    c.init_from = ""        # checkpoint workdir of an earlier stage
+    c.dry_run = False
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=1, process_id=0))
+
+    c.model = models.get(model)
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        path="",            # an existing sentencepiece .model; empty = train one on the corpus
+        vocab_size=2048, model_type="bpe", max_training_lines=200_000))
+
+    c.data = ml_collections.ConfigDict(dict(
+        path="",            # file, glob or directory of JSONL; empty = built-in demo data
+        eval_path="",       # held-out JSONL; empty = the last eval_percent of `path`
+        eval_percent=5,
+        text_field="text",
+        seq_len=128,
+        demo_seed=0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, batch_size=16, learning_rate=3e-4, warmup_steps=100, decay="cosine",
+        min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        grad_accum_steps=1, eval_every=200, eval_batches=8, log_every=20,
+        checkpoint_every=500, keep_checkpoints=3, async_checkpoint=True,
+    ))
+    return c

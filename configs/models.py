@@ -1,0 +1,40 @@
+"""Model size presets shared by the experiment configs.
+
+`get(name)` returns a ConfigDict whose keys are exactly the fields of
+`instructjax.model.config.ModelConfig`; experiment configs override single keys.
+Parameter counts (closed form, `instructjax.model.config.count_params`) are in each comment.
+"""
+
+import ml_collections
+
+_COMMON = dict(
+    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
+    dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
+    attention_impl="xla",
+)
+
+PRESETS = {
+    # ~1.2M params with vocab 2048: CPU-minutes experiments and tests.
+    "tiny": dict(vocab_size=2048, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                 head_dim=32, mlp_dim=384, max_seq_len=256, tie_embeddings=True,
+                 dtype="float32", remat_policy="none"),
+    # GPT-2-small-sized LLaMA: ~134M params with vocab 32000.
+    "125m": dict(vocab_size=32000, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                 head_dim=64, mlp_dim=2048, max_seq_len=2048, tie_embeddings=True),
+    # TinyLlama-1.1B shape: ~1.10B params.
+    "1b": dict(vocab_size=32000, embed_dim=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+               head_dim=64, mlp_dim=5632, max_seq_len=2048),
+    # LLaMA-2-7B shape: ~6.74B params.
+    "7b": dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+               head_dim=128, mlp_dim=11008, max_seq_len=4096),
+    # LLaMA-13B width with 36 layers and GQA 5:1: ~10.2B params.
+    "10b": dict(vocab_size=32000, embed_dim=5120, num_layers=36, num_heads=40, num_kv_heads=8,
+                head_dim=128, mlp_dim=13824, max_seq_len=4096),
+}
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+    """The preset `name` as a ConfigDict (a fresh copy each call)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return ml_collections.ConfigDict({**_COMMON, **PRESETS[name]})

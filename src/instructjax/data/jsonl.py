@@ -1,0 +1,150 @@
+"""Read JSON-lines data files and report malformed records by file and line.
+
+Every data format of the project (text, SFT dialogues, comparisons, prompts) is one JSON
+object per line. This module finds the files (a file, a glob or a directory), yields the
+records with their location, and turns every problem into a `DataFormatError` whose message
+starts with `path:line:` so a user can open the offending line directly.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+PathSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+# Suffixes picked up when a directory is given; `.json` files are read as JSON lines too
+# (pCLUE ships its JSON-lines files as `.json`).
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+class DataFormatError(ValueError):
+    """A data record is malformed; the message starts with `path:line:`."""
+
+
+def resolve_paths(spec: PathSpec) -> list[str]:
+    """Expands a data path spec into a list of existing files.
+
+    Args:
+        spec: a file path, a glob pattern (`*`, `?`, `[...]`, `**` recursive), a directory
+            (its files ending in .jsonl, .json or .jsonl.gz, not recursive), or a sequence of
+            these (expanded in the given order).
+
+    Returns:
+        File paths as strings; glob and directory matches are sorted so the order (and hence
+        every shuffle seeded downstream) does not depend on the file system.
+
+    Raises:
+        FileNotFoundError: naming the spec when a file is missing, a glob matches no file or a
+            directory holds no data file.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        return _resolve_one(os.fspath(spec))
+    paths = []
+    for one in spec:
+        paths.extend(_resolve_one(os.fspath(one)))
+    if not paths:
+        raise FileNotFoundError("empty list of data paths")
+    return paths
+
+
+def _resolve_one(spec: str) -> list[str]:
+    if not spec:
+        raise FileNotFoundError("empty data path")
+    if os.path.isfile(spec):
+        return [spec]
+    if os.path.isdir(spec):
+        files = sorted(
+            os.path.join(spec, name) for name in os.listdir(spec)
+            if name.endswith(DATA_SUFFIXES) and os.path.isfile(os.path.join(spec, name)))
+        if not files:
+            raise FileNotFoundError(
+                f"directory {spec!r} holds no data files (looked for {', '.join(DATA_SUFFIXES)})")
+        return files
+    if any(c in spec for c in _GLOB_CHARS):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise FileNotFoundError(f"no data files match the pattern {spec!r}")
+        return files
+    raise FileNotFoundError(f"data file not found: {spec!r}")
+
+
+def read_jsonl(spec: PathSpec) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Yields every record of JSON-lines files with its location.
+
+    `.jsonl`, `.json` (one object per line) and gzip-compressed `.jsonl.gz` are read. Blank
+    lines are skipped (they hold no record); anything else that is not a JSON object is an
+    error, never dropped.
+
+    Args:
+        spec: a path spec as accepted by `resolve_paths`.
+
+    Yields:
+        `(path, line_no, record)` with `line_no` counted from 1 and `record` a dict.
+
+    Raises:
+        FileNotFoundError: from `resolve_paths`.
+        DataFormatError: `"{path}:{line_no}: reason"` for invalid UTF-8, invalid JSON or a
+            JSON value that is not an object.
+    """
+    for path in resolve_paths(spec):
+        opener = gzip.open if path.endswith(".gz") else open
+        # Binary mode, decoded per line, so that invalid UTF-8 is reported with its line.
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(f"{path}:{line_no}: invalid UTF-8 ({e.reason})") from None
+                if line_no == 1:
+                    line = line.lstrip("\ufeff")  # a byte-order mark some editors write
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    hint = ""
+                    if line_no == 1 and line.lstrip().startswith("["):
+                        hint = " (this looks like a JSON array; expected one JSON object per line)"
+                    raise DataFormatError(f"{path}:{line_no}: invalid JSON: {e.msg} "
+                                          f"at column {e.colno}{hint}") from None
+                if not isinstance(record, dict):
+                    raise DataFormatError(
+                        f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                yield path, line_no, record
+
+
+def require_field(record: dict[str, Any], name: str, path: str, line_no: int,
+                                type_: type | tuple[type, ...]) -> Any:
+    """Returns `record[name]` after checking that it exists and has the expected type.
+
+    Args:
+        record: a JSON object as yielded by `read_jsonl`.
+        name: the field name.
+        path: the file the record came from (for the message).
+        line_no: its line number (for the message).
+        type_: the accepted Python type(s), e.g. `str`, `list`, `(int, float)`. `bool` is not
+            accepted as a number unless `bool` is named, since JSON `true` is no count.
+
+    Returns:
+        The field value.
+
+    Raises:
+        DataFormatError: `"{path}:{line_no}: ..."` naming the missing or mistyped field.
+    """
+    if name not in record:
+        raise DataFormatError(
+            f"{path}:{line_no}: missing field {name!r} (the record has {sorted(record)})")
+    value = record[name]
+    types = type_ if isinstance(type_, tuple) else (type_,)
+    is_bool_mismatch = isinstance(value, bool) and bool not in types
+    if not isinstance(value, types) or is_bool_mismatch:
+        expected = " or ".join(t.__name__ for t in types)
+        raise DataFormatError(
+            f"{path}:{line_no}: field {name!r} must be {expected}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,22 @@
+"""Maps `config.stage` to the function that runs it."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from instructjax.stages.common import StageError
+
+# stage name -> module with `run(config, workdir)`; imported lazily so that a stage's heavy
+# dependencies load only when it runs.
+STAGES = {
+    "tokenizer": "instructjax.stages.tokenizer_stage",
+    "pretrain": "instructjax.stages.pretrain",
+}
+
+
+def get_stage(name: str) -> Callable[[Any, str], Any]:
+    """The `run(config, workdir)` of stage `name`; a clear error for an unknown one."""
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; valid stages: {sorted(STAGES)}")
+    return importlib.import_module(STAGES[name]).run

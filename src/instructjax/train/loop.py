@@ -1,0 +1,202 @@
+"""The one supervised training loop shared by pretrain, SFT and the reward model.
+
+Top to bottom: optimiser -> sharded state (fresh, from an earlier stage, or resumed) ->
+jitted steps -> loop of (batch, step, log, eval, checkpoint) -> final checkpoint.
+Stages differ only in what they put into a `SupervisedTask`: data, loss and extra evals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from instructjax.data import pipeline as data_pipeline
+from instructjax.parallel import mesh as mesh_lib
+from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import metrics as metrics_lib
+from instructjax.train import optim, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class SupervisedTask:
+    """What a supervised stage plugs into the loop.
+
+    init_params_boxed: rng -> params with logical-partitioning boxes (fresh init).
+    loss_fn: (params, batch, rng) -> (loss_sum, weight, stats); see train/step.py.
+    make_train_batches: () -> iterator of per-process numpy batches with get_state/set_state.
+    make_eval_batches: () -> iterable of per-process numpy eval batches (finite), or None.
+    load_initial_params: () -> params pytree to start from (an earlier stage), or None.
+    extra_eval: (params, step) -> dict of extra eval metrics (e.g. true_score), or None.
+    tokens_per_batch: tokens processed per global batch, for tokens/s.
+    """
+    name: str
+    init_params_boxed: Callable[[jax.Array], Any]
+    loss_fn: step_lib.LossFn
+    make_train_batches: Callable[[], Iterator[dict]]
+    make_eval_batches: Callable[[], Iterable[dict]] | None = None
+    load_initial_params: Callable[[], Any] | None = None
+    extra_eval: Callable[[Any, int], dict] | None = None
+    tokens_per_batch: int = 0
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """How the loop ended: the final state and whether it stopped early (SIGTERM)."""
+    state: state_lib.TrainState
+    step: int
+    finished: bool
+    preempted: bool = False
+    skipped: bool = False
+
+
+class _SigtermFlag:
+    """Records SIGTERM so the loop can save a checkpoint and exit 0 at a step boundary."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _evaluate(eval_step, params, eval_batches: list[dict], mesh: Mesh) -> dict:
+    totals: dict[str, list[float]] = {}
+    for host_batch in eval_batches:
+        batch = data_pipeline.make_global_batch(host_batch, mesh)
+        sums = jax.device_get(eval_step(params, batch))
+        for name, (num, den) in sums.items():
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += float(num)
+            acc[1] += float(den)
+    result = {name: num / max(den, 1e-9) for name, (num, den) in totals.items()}
+    if "loss" in result:
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    return result
+
+
+def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: str, *,
+                   seed: int) -> LoopResult:
+    """Trains `task` for `train_cfg.steps` steps in `workdir`, resuming if it can.
+
+    Writes `workdir/metrics.jsonl`, TensorBoard events and `workdir/checkpoints/`.
+    """
+    is_main = jax.process_index() == 0
+    opt_cfg = optim.OptimConfig.from_train_config(train_cfg)
+    schedule = optim.make_schedule(opt_cfg)
+    tx = optim.make_optimizer(opt_cfg)
+    total_steps = int(train_cfg.steps)
+
+    abstract, shardings = state_lib.state_shardings(task.init_params_boxed, tx, mesh)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=int(train_cfg.keep_checkpoints),
+        async_save=bool(train_cfg.async_checkpoint))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    train_batches = task.make_train_batches()
+
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    if restored is not None:
+        state, meta, start_step = restored
+        if meta.get("finished") and start_step >= total_steps:
+            if is_main:
+                print(f"[{task.name}] already finished at step {start_step} ({workdir}); "
+                      "nothing to do", flush=True)
+            checkpointer.close()
+            return LoopResult(state, start_step, finished=True, skipped=True)
+        train_batches.set_state(meta["data_state"])
+        writer.truncate_after(start_step)
+        if is_main:
+            print(f"[{task.name}] resuming from step {start_step}", flush=True)
+    else:
+        initial = task.load_initial_params() if task.load_initial_params else None
+        state = state_lib.create_state(task.init_params_boxed, tx, shardings, seed, initial)
+        start_step = 0
+
+    train_step = eval_step = None  # jitted on first use, when batch shapes are known
+    eval_batches: list[dict] | None = None
+    progress = metrics_lib.Progress(total_steps, start_step, enabled=is_main, stage=task.name)
+    log_every = max(int(train_cfg.log_every), 1)
+    last_log_time, last_log_step = time.perf_counter(), start_step
+
+    def run_eval(params, step):
+        nonlocal eval_batches, eval_step
+        if task.make_eval_batches is None:
+            return {}
+        if eval_batches is None:  # the same held-out batches every time
+            eval_batches = list(task.make_eval_batches())[: int(train_cfg.eval_batches)]
+            eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(task.loss_fn),
+                                               shardings.params, mesh, _ndims_of(eval_batches[0]))
+        with mesh_lib.activate(mesh):
+            result = _evaluate(eval_step, params, eval_batches, mesh)
+            if task.extra_eval is not None:
+                result.update(task.extra_eval(params, step))
+        writer.write(step, "eval", result)
+        if is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                              if isinstance(v, (int, float)))
+            print(f"[{task.name}] eval @ {step}: {shown}", flush=True)
+        return result
+
+    step = start_step
+    if start_step == 0:
+        run_eval(state.params, 0)
+    preempted = False
+    with _SigtermFlag() as sigterm:
+        while step < total_steps:
+            host_batch = next(train_batches)
+            if train_step is None:
+                train_step = step_lib.jit_train_step(
+                    step_lib.make_train_step(task.loss_fn, tx, schedule,
+                                             grad_accum_steps=int(train_cfg.grad_accum_steps)),
+                    shardings, mesh, _ndims_of(host_batch))
+            batch = data_pipeline.make_global_batch(host_batch, mesh)
+            with mesh_lib.activate(mesh):
+                state, metrics = train_step(state, batch)
+            step += 1
+
+            if step % log_every == 0 or step == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                metrics["steps_per_sec"] = rate
+                metrics["tokens_per_sec"] = rate * task.tokens_per_batch
+                last_log_time, last_log_step = now, step
+                writer.write(step, "train", metrics)
+                progress.report(step, metrics)
+
+            if step % int(train_cfg.eval_every) == 0 or step == total_steps:
+                run_eval(state.params, step)
+
+            finished = step == total_steps
+            if finished or step % int(train_cfg.checkpoint_every) == 0 or sigterm.received:
+                checkpointer.save(step, state, {"data_state": train_batches.get_state(),
+                                                "finished": finished, "stage": task.name})
+            if sigterm.received and not finished:
+                preempted = True
+                if is_main:
+                    print(f"[{task.name}] SIGTERM: saved step {step}, exiting", flush=True)
+                break
+    checkpointer.close()
+    writer.close()
+    return LoopResult(state, step, finished=step == total_steps, preempted=preempted)
+
+
+def _ndims_of(batch: dict) -> dict:
+    return {k: np.ndim(v) for k, v in batch.items()}

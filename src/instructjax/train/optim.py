@@ -1,0 +1,64 @@
+"""Optimiser from config: AdamW with warmup + cosine/linear decay and global-norm clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser hyperparameters (converted once from `config.train`)."""
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int = 0
+    decay: str = "cosine"            # cosine | linear | constant
+    min_lr_ratio: float = 0.1        # final lr = learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # global-norm clip; <= 0 disables
+
+    @classmethod
+    def from_train_config(cls, train: Mapping[str, Any]) -> "OptimConfig":
+        """Picks the optimiser fields out of a `config.train` mapping."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"total_steps"}
+        kwargs = {k: train[k] for k in names if k in train}
+        return cls(total_steps=int(train["steps"]), **kwargs)
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then decay to `learning_rate * min_lr_ratio`."""
+    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.decay == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    elif cfg.decay == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"train.decay={cfg.decay!r}; valid: 'cosine', 'linear', 'constant'")
+    if cfg.warmup_steps <= 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+    # Norm scales and biases (rank < 2) are not decayed, as in GPT/LLaMA training.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW (optax places eps like PyTorch) preceded by global-norm clipping."""
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
