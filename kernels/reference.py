@@ -1,0 +1,117 @@
+"""Plain-jnp multi-head attention with the exact semantics the Pallas kernels must match.
+
+It is the `attention_impl='xla'` path of the model, the fallback on any backend, and the
+reference the flash-attention and decode kernels are tested against.
+
+Letters: B batch, T query length, S key length, H query heads, K kv heads,
+G query-group size (H // K), D head dim.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def make_attention_mask(segment_ids_q, segment_ids_k, causal):
+    """Which keys each query may attend to.
+
+    A query sees a key when both carry the same non-zero segment id and, if `causal`, the
+    key does not come after the query. Segment id 0 marks padding: a padding query sees
+    nothing, so its attention row is empty and `attention` returns 0 for it.
+
+    Args:
+        segment_ids_q: int [B, T], segment id of each query token.
+        segment_ids_k: int [B, S], segment id of each key token.
+        causal: when True, T must equal S and query t sees keys s <= t. Causality is by
+            index in the row, which is what packing needs: packed documents are contiguous,
+            so index order within a segment is document order.
+
+    Returns:
+        bool [B, T, S], True where the query may attend to the key.
+    """
+    T, S = segment_ids_q.shape[1], segment_ids_k.shape[1]
+    same_BTS = segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
+    mask_BTS = same_BTS & (segment_ids_q[:, :, None] != 0)
+    if causal:
+        _check_causal_lengths(T, S)
+        mask_BTS = mask_BTS & _causal_mask(T)[None, :, :]
+    return mask_BTS
+
+
+def _check_causal_lengths(T, S):
+    if T != S:
+        raise ValueError(f"causal attention needs equal query and key lengths, got {T} and {S}")
+
+
+def _causal_mask(T):
+    """bool [T, T], True on and below the diagonal."""
+    return jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+
+
+def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
+    """Softmax attention with grouped-query heads, packing by segment ids and causal masking.
+
+    Args:
+        q: [B, T, H, D] queries, any float dtype.
+        k: [B, S, K, D] keys, same dtype as q; H must be a multiple of K. Query head h uses
+            kv head h // (H // K): consecutive query heads share a kv head (Hugging Face's
+            order, so imported weights need no permutation).
+        v: [B, S, K, D] values, same dtype as q.
+        segment_ids: optional int [B, T] shared by queries and keys (so T == S);
+            0 = padding. None means one segment covering every token.
+        causal: whether query t may only see keys s <= t (requires T == S).
+        sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
+
+    Returns:
+        [B, T, H, D] in q.dtype. A query with no visible key (a padding row) gets exactly 0,
+        with zero (never NaN) gradients.
+    """
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if H % K != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
+    if k.shape != (B, S, K, D) or v.shape != (B, S, K, D):
+        raise ValueError(f"k {k.shape} and v {v.shape} must both be [B, S, K, D] with "
+                         f"B={B}, D={D}")
+    G = H // K
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T) or T != S:
+            raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = [{B}, {T}] "
+                             f"and needs T == S (S = {S})")
+        mask_BTS = make_attention_mask(segment_ids, segment_ids, causal)
+    elif causal:
+        _check_causal_lengths(T, S)
+        mask_BTS = _causal_mask(T)[None, :, :]
+    else:
+        mask_BTS = None
+
+    # Grouping the query heads lets each kv head serve its G query heads without repeating
+    # k and v in memory.
+    q_BTKGD = q.reshape(B, T, K, G, D)
+    # Scores are accumulated and scaled in float32 whatever the input dtype: a softmax over
+    # bf16 scores is too coarse for long rows.
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k,
+                              preferred_element_type=jnp.float32) * sm_scale
+
+    if mask_BTS is None:
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    else:
+        mask_B11TS = mask_BTS[:, None, None, :, :]
+        # A finite fill (not -inf) keeps fully masked rows NaN-free: their max is the fill
+        # itself, the where() below zeroes their weights, and the row sum is 0, not 0/0.
+        fill = jnp.finfo(jnp.float32).min
+        scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, fill)
+        # The max is only a shift that keeps exp() in range; the softmax does not depend on
+        # it, so stopping its gradient is exact and saves the backward pass an argmax.
+        row_max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+        weights_BKGTS = jnp.where(mask_B11TS, jnp.exp(scores_BKGTS - row_max_BKGT1), 0.0)
+        denom_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
+        # Visible rows have denom >= 1 (the max term is exp(0) = 1); empty rows have 0.
+        probs_BKGTS = weights_BKGTS / jnp.where(denom_BKGT1 == 0.0, 1.0, denom_BKGT1)
+
+    # Probabilities go to v's dtype for the second matmul, as a flash kernel does, with a
+    # float32 accumulator.
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v.dtype), v,
+                           preferred_element_type=jnp.float32)
+    return out_BTKGD.reshape(B, T, H, D).astype(q.dtype)
