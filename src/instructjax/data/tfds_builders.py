@@ -2,8 +2,8 @@
 
 One generic builder serves every record format: a `RecordSpec` names the stored features
 and how a JSON record becomes an example (validating it, with file:line in every error).
-`text_spec` is the pretraining format; SFT, comparison and prompt specs are further
-`RecordSpec`s beside it. Datasets are written as array_record (no TensorFlow needed) and
+`text_spec` is the pretraining format; SFT, comparison and prompt datasets are built on
+the same function in `dialogue_sources.py`. Datasets are written as array_record (no TensorFlow needed) and
 read with `as_data_source()`; the tfrecord and parquet formats and `as_dataset` are avoided
 (ENV-NOTES.md).
 

@@ -1,0 +1,273 @@
+"""Dialogue, comparison and prompt records from local JSON-lines files, and TFDS datasets.
+
+`iter_records` / `read_records` parse files into the `formats` dataclasses; every malformed
+line is an error naming its `file:line`, or, when asked, skipped and reported.
+
+The `build_*_source` functions build TFDS datasets: they parse the input files as above,
+write the parsed records in one normalised JSON-lines form under `data_dir/<name>/normalised/`,
+and build the dataset from those files with `tfds_builders.build_jsonl_source` (array_record,
+cached by content: the same inputs reuse the built dataset). Reading a split back gives the
+`formats` dataclasses.
+
+Stored features: `roles`, `contents` (text lists: the dialogue's turns, or the context of a
+comparison or prompt) and `source` (text, "path:line" of the input record); comparisons add
+`responses` (text list) and `order` (int list, best first).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from instructjax.data import formats, jsonl, tfds_builders
+
+_FEATURES = {
+    "sft": {"roles": "text_list", "contents": "text_list", "source": "text"},
+    "comparison": {"roles": "text_list", "contents": "text_list", "responses": "text_list",
+                   "order": "int_list", "source": "text"},
+    "prompt": {"roles": "text_list", "contents": "text_list", "source": "text"},
+}
+# Part of the TFDS cache key: bump when the normalised form changes meaning.
+_NORMALISED_VERSION = 1
+
+
+# ------------------------------------------------------------------------------ reading
+
+def _read_lines_lenient(spec: jsonl.PathSpec, on_skip: Callable[[str], None]
+                        ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Like `jsonl.read_jsonl`, but reports an unreadable line to `on_skip` and goes on."""
+    # read_jsonl's generator ends at its first error, so it cannot skip a bad line and
+    # continue; its per-line checks (UTF-8, BOM, blank lines, JSON object) are mirrored here.
+    for path in jsonl.resolve_paths(spec):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                    line = line.lstrip("\ufeff") if line_no == 1 else line
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                except ValueError as e:  # incl. UnicodeDecodeError, JSONDecodeError
+                    on_skip(f"{path}:{line_no}: unreadable line ({type(e).__name__}: {e})")
+                    continue
+                if not isinstance(record, dict):
+                    on_skip(f"{path}:{line_no}: expected a JSON object, got "
+                            f"{type(record).__name__}")
+                    continue
+                yield path, line_no, record
+
+
+def iter_records(spec: jsonl.PathSpec, kind: str, *, fmt: str = "auto",
+                 on_skip: Callable[[str], None] | None = None
+                 ) -> Iterator[tuple[str, int, formats.Record]]:
+    """Yields `(path, line_no, record)` for every record of JSON-lines files.
+
+    Args:
+        spec: a path spec (`jsonl.resolve_paths`): file, glob, directory or list.
+        kind: "sft", "comparison" or "prompt" (see `formats.parse_record`).
+        fmt: a format name or "auto".
+        on_skip: None (default) raises on the first malformed line; a callable skips every
+            malformed line (bad UTF-8 or JSON, wrong keys or types, bad ranking, ...) and is
+            called with its `"path:line: reason"` message, so nothing is dropped unseen.
+
+    Raises:
+        FileNotFoundError: the spec matches no file.
+        jsonl.DataFormatError: `"path:line: reason"` (only when `on_skip` is None).
+    """
+    lines = jsonl.read_jsonl(spec) if on_skip is None else _read_lines_lenient(spec, on_skip)
+    for path, line_no, record in lines:
+        try:
+            yield path, line_no, formats.parse_record(record, kind, fmt=fmt, path=path,
+                                                      line_no=line_no)
+        except jsonl.DataFormatError as e:
+            if on_skip is None:
+                raise
+            on_skip(str(e))
+
+
+def read_records(spec: jsonl.PathSpec, kind: str, *, fmt: str = "auto",
+                 skip_malformed: bool = False) -> tuple[list[formats.Record], list[str]]:
+    """All records of JSON-lines files, parsed (see `iter_records`).
+
+    Returns:
+        `(records, skipped)`: the parsed `formats` dataclasses in file order, and one `"path:line:
+        reason"` message per skipped line (empty unless `skip_malformed`; a warning states
+        the count when there are any).
+    """
+    skipped: list[str] = []
+    records = [r for _, _, r in iter_records(
+        spec, kind, fmt=fmt, on_skip=skipped.append if skip_malformed else None)]
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} malformed {kind} record(s) of {spec!r}; first: "
+                      f"{skipped[0]}", stacklevel=2)
+    return records, skipped
+
+
+# ------------------------------------------------------------------------------ TFDS
+
+def record_to_example(record: formats.Record, source: str = "") -> dict[str, Any]:
+    """The stored (JSON-able) form of a parsed record; `source` is its "path:line"."""
+    turns = record.turns if isinstance(record, formats.Dialogue) else record.context
+    example = {"roles": [t.role for t in turns], "contents": [t.content for t in turns]}
+    if isinstance(record, formats.Comparison):
+        example.update(responses=list(record.responses), order=list(record.order))
+    example["source"] = source
+    return example
+
+
+def example_to_record(kind: str, example: Mapping[str, Any]) -> formats.Record:
+    """Inverse of `record_to_example` for a record kind ("sft", "comparison", "prompt")."""
+    turns = tuple(formats.Turn(r, c) for r, c in zip(example["roles"], example["contents"]))
+    if kind == "sft":
+        return formats.Dialogue(turns)
+    if kind == "comparison":
+        return formats.Comparison(turns, tuple(example["responses"]), tuple(example["order"]))
+    if kind == "prompt":
+        return formats.Prompt(turns)
+    raise ValueError(f"unknown record kind {kind!r}; kinds: {sorted(formats.KINDS)}")
+
+
+class ParsedSource:
+    """Random-access split whose items are `formats` dataclasses (Dialogue, Comparison or
+    Prompt); satisfies grain's RandomAccessDataSource protocol."""
+
+    def __init__(self, source: tfds_builders.RecordSource, kind: str):
+        self._source = source
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> formats.Record:
+        return example_to_record(self.kind, self._source[index])
+
+    def location(self, index: int) -> str:
+        """"path:line" of the input record behind item `index`."""
+        return self._source[index]["source"]
+
+    def __repr__(self) -> str:
+        return f"ParsedSource({self.kind}, {self._source!r})"
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    data = text.encode("utf-8")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return  # untouched, so nothing downstream sees a new file
+    tmp_path = f"{path}.{os.getpid()}.tmp"  # per process: hosts may build side by side
+    with open(tmp_path, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+
+
+def _normalise(kind: str, split: str, paths: jsonl.PathSpec, fmt: str, skip_malformed: bool,
+               out_dir: str) -> str:
+    """Parses one split's files and writes them normalised; returns the written path."""
+    skipped: list[str] = []
+    lines = [json.dumps(record_to_example(record, f"{path}:{line_no}"), ensure_ascii=False)
+             for path, line_no, record in iter_records(
+                 paths, kind, fmt=fmt, on_skip=skipped.append if skip_malformed else None)]
+    if skipped:
+        warnings.warn(f"{split} split: skipped {len(skipped)} malformed {kind} record(s); "
+                      f"first: {skipped[0]}", stacklevel=3)
+    if not lines:
+        raise ValueError(f"the {split} split of {paths!r} holds no {kind} records "
+                         f"({len(skipped)} malformed ones skipped)")
+    out_path = os.path.join(out_dir, f"{split}.jsonl")
+    _write_if_changed(out_path, "".join(line + "\n" for line in lines))
+    return out_path
+
+
+def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
+                        eval_paths: jsonl.PathSpec | None, data_dir: str | os.PathLike, *,
+                        name: str, fmt: str = "auto", eval_percent: int = 0,
+                        skip_malformed: bool = False) -> dict[str, ParsedSource]:
+    """Builds (once) a dataset of one record kind with splits "train" and "eval".
+
+    Args:
+        kind: "sft", "comparison" or "prompt" (see `formats.parse_record`).
+        train_paths: path spec of the train JSON-lines files (`jsonl.resolve_paths`).
+        eval_paths: path spec of the eval files, or None (empty counts as None).
+        data_dir: cache root; the dataset goes to `data_dir/name/`.
+        name: dataset name (a plain directory name).
+        fmt: input format (`formats.KINDS[kind]`) or "auto" (detected per record).
+        eval_percent: without eval_paths, the last `eval_percent`% of the train records (in
+            file order, at least one) form the eval split; 0 = no eval split.
+        skip_malformed: skip malformed records (with a warning giving the count and the
+            first message) instead of raising.
+
+    Returns:
+        {"train": ParsedSource, "eval": ParsedSource} ("eval" only when there is one); the
+        order of records is the order of the input lines.
+
+    Raises:
+        FileNotFoundError: a path spec matches no file.
+        jsonl.DataFormatError: a malformed record, naming the input `file:line`.
+        ValueError: a split left without records, or a bad name, kind or format.
+    """
+    if kind not in _FEATURES:
+        raise ValueError(f"unknown record kind {kind!r}; kinds: {sorted(_FEATURES)}")
+    if not name or os.sep in name or name in (".", ".."):
+        raise ValueError(f"dataset name must be a plain directory name, got {name!r}")
+    split_paths: dict[str, Any] = {"train": train_paths}
+    if eval_paths:
+        split_paths["eval"] = eval_paths
+    out_dir = os.path.join(os.fspath(data_dir), name, "normalised")
+    os.makedirs(out_dir, exist_ok=True)
+    normalised = {split: _normalise(kind, split, paths, fmt, skip_malformed, out_dir)
+                  for split, paths in split_paths.items()}
+    features = _FEATURES[kind]
+
+    def to_example(record: dict[str, Any], path: str, line_no: int) -> dict[str, Any]:
+        del path, line_no  # written by _normalise, hence well formed
+        return {key: record[key] for key in features}
+
+    spec = tfds_builders.RecordSpec(name=f"{kind}:normalised-v{_NORMALISED_VERSION}",
+                                    features=features, to_example=to_example)
+    holdout = ("train", "eval", eval_percent) if eval_percent and not eval_paths else None
+    sources = tfds_builders.build_jsonl_source(spec, normalised, data_dir, name=name,
+                                               holdout=holdout)
+    return {split: ParsedSource(source, kind) for split, source in sources.items()}
+
+
+def build_sft_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,
+                     data_dir: str | os.PathLike, *, name: str = "sft", fmt: str = "auto",
+                     eval_percent: int = 0, skip_malformed: bool = False
+                     ) -> dict[str, ParsedSource]:
+    """SFT dialogues (pCLUE or messages records) -> splits of `formats.Dialogue`.
+
+    Arguments and errors as in `build_parsed_source`.
+    """
+    return build_parsed_source("sft", train_paths, eval_paths, data_dir, name=name, fmt=fmt,
+                               eval_percent=eval_percent, skip_malformed=skip_malformed)
+
+
+def build_comparison_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,
+                            data_dir: str | os.PathLike, *, name: str = "comparisons",
+                            fmt: str = "auto", eval_percent: int = 0,
+                            skip_malformed: bool = False) -> dict[str, ParsedSource]:
+    """Comparisons (ranked, pair or HH records) -> splits of `formats.Comparison`.
+
+    Arguments and errors as in `build_parsed_source`.
+    """
+    return build_parsed_source("comparison", train_paths, eval_paths, data_dir, name=name,
+                               fmt=fmt, eval_percent=eval_percent,
+                               skip_malformed=skip_malformed)
+
+
+def build_prompt_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,
+                        data_dir: str | os.PathLike, *, name: str = "prompts",
+                        fmt: str = "auto", eval_percent: int = 0,
+                        skip_malformed: bool = False) -> dict[str, ParsedSource]:
+    """PPO prompts (prompt or messages records) -> splits of `formats.Prompt`.
+
+    Arguments and errors as in `build_parsed_source`.
+    """
+    return build_parsed_source("prompt", train_paths, eval_paths, data_dir, name=name,
+                               fmt=fmt, eval_percent=eval_percent,
+                               skip_malformed=skip_malformed)
