@@ -24,7 +24,7 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
     c.model = models.get(model)
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",            # an existing sentencepiece .model; empty = train one on the corpus
-        vocab_size=2048, model_type="bpe", max_training_lines=200_000))
+        vocab_size=1024, model_type="bpe", max_training_lines=200_000))
 
     c.data = ml_collections.ConfigDict(dict(
         path="",            # file, glob or directory of JSONL; empty = built-in demo data

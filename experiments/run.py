@@ -43,6 +43,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    if not flags.FLAGS["verbosity"].present:
+        # library INFO logs (TFDS writers, orbax) drown the progress lines; --verbosity=0 shows them
+        logging.set_verbosity(logging.WARNING)
     from instructjax.data.jsonl import DataFormatError
     from instructjax.stages.common import StageError
     from instructjax.parallel.mesh import MeshConfigError
@@ -56,7 +59,7 @@ def main(argv):
         from instructjax.stages.registry import get_stage
         get_stage(config.stage)(config, _WORKDIR.value)
     except (StageError, MeshConfigError, DataFormatError, FileNotFoundError) as err:
-        logging.info("stage failed", exc_info=True)
+        logging.debug("stage failed", exc_info=True)  # shown with --verbosity=1
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
 

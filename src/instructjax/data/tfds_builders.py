@@ -105,6 +105,7 @@ def _tfds():
     except ImportError as e:
         raise ImportError("building datasets needs tensorflow-datasets "
                           "(pip install -e '.' installs it)") from e
+    tfds.disable_progress_bar()  # its bars garble the training progress lines
     return tfds
 
 

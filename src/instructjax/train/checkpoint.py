@@ -9,6 +9,7 @@ previous one is used, so a crash during a save never loses more than one interva
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -47,18 +48,30 @@ class Checkpointer:
         `target` is a pytree of ShapeDtypeStructs with shardings (see
         `abstract_with_shardings`). Returns (state, meta, step) or None when there is none.
         """
+        result = None
         for step in reversed(self.all_steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
             except Exception as err:  # orbax/tensorstore raise many types for a broken file
-                logging.error("checkpoint %s/%d is unreadable and is skipped: %s: %s",
-                              self.directory, step, type(err).__name__, err)
-                print(f"warning: checkpoint step {step} in {self.directory} is broken "
-                      f"({type(err).__name__}); falling back to an earlier one", flush=True)
+                self._quarantine(step, err)
                 continue
-            return restored["state"], dict(restored["meta"]), step
-        return None
+            result = restored["state"], dict(restored["meta"]), step
+            break
+        self.manager.reload()  # forget quarantined steps so they can be written again
+        return result
+
+    def _quarantine(self, step: int, err: Exception) -> None:
+        """Moves an unreadable checkpoint aside (kept for inspection, never deleted)."""
+        broken = os.path.join(self.directory, str(step))
+        aside = f"{broken}.broken-{int(time.time())}"
+        logging.error("checkpoint %s is unreadable (%s: %s); moved to %s",
+                      broken, type(err).__name__, err, aside)
+        print(f"warning: checkpoint step {step} in {self.directory} is broken "
+              f"({type(err).__name__}: {str(err)[:200]}); moved to {aside}, "
+              "falling back to an earlier one", flush=True)
+        if jax.process_index() == 0 and os.path.isdir(broken):
+            os.replace(broken, aside)
 
     def restore_meta(self, step: int | None = None) -> dict | None:
         """Only the JSON metadata of checkpoint `step` (default latest); None if absent."""
