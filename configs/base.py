@@ -35,6 +35,19 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         demo_seed=0,
     ))
 
+    # ChatYuan's unified Input->Output format: "用户：{q}\n小元：{a}".
+    c.chat = ml_collections.ConfigDict(dict(user="用户", assistant="小元", max_turns=8))
+    c.sft = ml_collections.ConfigDict(dict(train_on="all"))   # all | last assistant turn(s)
+    c.reward = ml_collections.ConfigDict(dict(
+        num_responses=0,       # K to pad comparisons to; 0 = the largest K in the data
+        stats_samples=256,     # SFT-policy samples for the reward mean/std saved for PPO
+    ))
+    # Generation-based evaluation (true score of greedy and sampled answers on held-out
+    # prompts of the demo task; skipped for user data, which has no true score).
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=64, batch_size=64, max_prompt_len=96, max_new_tokens=24,
+        temperature=0.7, top_k=0, top_p=1.0))
+
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=16, learning_rate=3e-4, warmup_steps=100, decay="cosine",
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,

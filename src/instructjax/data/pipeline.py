@@ -221,7 +221,7 @@ class LMBatchIterator:
 def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: int,
                     batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                     num_epochs: int | None = None, text_field: str = "text",
-                    shuffle: bool = True) -> LMBatchIterator:
+                    shuffle: bool = True, to_document=None) -> LMBatchIterator:
     """Packed LM batches from a random-access source of text records.
 
     Args:
@@ -237,6 +237,9 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
         num_epochs: passes over this shard; None repeats forever.
         text_field: the record field holding the text.
         shuffle: False reads documents in source order (e.g. for evaluation).
+        to_document: record -> {"tokens": int32 [n], "loss_weights": float32 [n]}; the
+            default tokenizes `text_field` as [bos] + text + [eos], all weights 1. SFT passes
+            one that renders a dialogue and weights only the answer tokens (+ EOS).
 
     Returns:
         An `LMBatchIterator` yielding batch dicts of [B, T] numpy arrays (module
@@ -258,7 +261,9 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
     if shuffle:
         ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs)
-    ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer, text_field=text_field))
+    if to_document is None:
+        to_document = functools.partial(_tokenize, tokenizer=tokenizer, text_field=text_field)
+    ds = ds.map(to_document)
     # One reader thread tokenizes ahead while the main thread trains; more threads would
     # only compete for the 2-core machines the tiny configs target.
     documents = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
@@ -309,3 +314,83 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
     return {k: jax.make_array_from_process_local_data(
                 sharding, np.asarray(v), (global_batch,) + np.shape(v)[1:])
             for k, v in host_batch.items()}
+
+
+# ------------------------------------------------------------------------------ prompts
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists for generation: -> (tokens int32 [B, P], mask int32 [B, P]).
+
+    P = `length` or the longest sequence; a longer sequence keeps its last P tokens (the
+    end of a prompt holds the question and the assistant cue). mask is 1 on real tokens.
+    """
+    length = length or max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        seq = list(seq)[-length:]
+        if seq:
+            tokens[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
+    return tokens, mask
+
+
+# ------------------------------------------------------------------------------ unpacked
+
+class ExampleBatchIterator:
+    """Batches of fixed-shape examples (e.g. reward-model comparisons), checkpointable.
+
+    Yields dicts of numpy arrays [B, ...]. With finite epochs the last batch is completed
+    with `pad_example` copies (which must carry zero loss weight), so shapes never change.
+    """
+
+    def __init__(self, examples, *, batch_size: int, pad_example: dict[str, np.ndarray]):
+        self._examples, self._batch_size, self._pad = examples, batch_size, pad_example
+        self._exhausted = False
+
+    def __iter__(self) -> "ExampleBatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        while len(rows) < self._batch_size and not self._exhausted:
+            try:
+                rows.append(next(self._examples))
+            except StopIteration:
+                self._exhausted = True
+        if not rows:
+            raise StopIteration
+        rows += [self._pad] * (self._batch_size - len(rows))
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able position (grain's iterator state)."""
+        return {"format": _STATE_FORMAT, "examples": self._examples.get_state(),
+                "exhausted": self._exhausted}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position from `get_state` of an iterator built the same way."""
+        self._examples.set_state(copy.deepcopy(dict(state["examples"])))
+        self._exhausted = bool(state["exhausted"])
+
+
+def make_example_batches(source: Sequence[Any], to_example, *, batch_size: int, seed: int,
+                         pad_example: dict[str, np.ndarray], shard_index: int = 0,
+                         shard_count: int = 1, num_epochs: int | None = None,
+                         shuffle: bool = True) -> ExampleBatchIterator:
+    """Shuffled, sharded, repeated batches of `to_example(record)` dicts (no packing).
+
+    `to_example` must be picklable (a top-level function or a functools.partial of one) and
+    return a dict of fixed-shape numpy arrays.
+    """
+    import grain  # pylint: disable=import-outside-toplevel  (absent on the GPU image)
+
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"shard {shard_index} of {shard_count} holds no examples "
+                         f"(the source has {len(source)})")
+    if shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat(num_epochs).map(to_example)
+    return ExampleBatchIterator(iter(ds), batch_size=batch_size, pad_example=pad_example)

@@ -90,3 +90,60 @@ def read_run_info(workdir: str) -> dict:
         raise StageError(f"init_from={workdir!r} is not a finished stage workdir ({path} missing)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# Fields of config.model that may differ from the checkpoint a stage starts from: they change
+# how the model runs, not its parameters.
+RUNTIME_MODEL_FIELDS = ("dtype", "remat_policy", "attention_impl")
+
+
+def model_config_from(run_info: dict, config: Any) -> ModelConfig:
+    """The earlier stage's ModelConfig, with runtime fields taken from `config.model`."""
+    shape = dict(run_info["model"])
+    shape.update({k: config.model[k] for k in RUNTIME_MODEL_FIELDS})
+    return ModelConfig.from_dict(shape)
+
+
+def logical_shardings(init_boxed, mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract params, NamedShardings) of params created by `init_boxed(rng)`."""
+    import flax.linen as nn
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = mesh_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    return nn.meta.unbox(boxed), shardings
+
+
+def load_transformer_params(stage_dir: str, model_cfg: ModelConfig, mesh: Mesh) -> Any:
+    """Transformer params exported by a finished earlier stage, placed on `mesh`."""
+    import jax.numpy as jnp
+    from instructjax.model.transformer import Transformer
+    from instructjax.train import checkpoint as ckpt_lib
+    model = Transformer(model_cfg)
+    abstract, shardings = logical_shardings(
+        lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
+    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+    params = ckpt_lib.load_params(stage_dir, target)
+    if "trunk" in params and "embed" not in params:
+        raise StageError(f"{stage_dir} holds a model with heads, not a bare Transformer")
+    return params
+
+
+def init_from_stage(config: Any, workdir: str, expected: tuple[str, ...]):
+    """(run_info, ModelConfig, Tokenizer) of `config.init_from`, a finished earlier stage.
+
+    The tokenizer is copied into `workdir` so this stage's directory is self-contained.
+    """
+    source = config.init_from
+    if not source:
+        raise StageError(f"config.init_from is empty: point it at a finished "
+                         f"{' or '.join(expected)} stage directory")
+    info = read_run_info(source)
+    if info.get("stage") not in expected:
+        raise StageError(f"init_from={source!r} is a {info.get('stage')!r} stage; "
+                         f"this stage starts from {' or '.join(expected)}")
+    tokenizer_path = os.path.join(source, info.get("tokenizer", TOKENIZER_FILE))
+    tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+    os.makedirs(workdir, exist_ok=True)
+    local = os.path.join(workdir, TOKENIZER_FILE)
+    if is_main_process() and not os.path.exists(local):
+        shutil.copyfile(tokenizer_path, local)
+    return info, model_config_from(info, config), tokenizer

@@ -12,6 +12,8 @@ from instructjax.stages.common import StageError
 STAGES = {
     "tokenizer": "instructjax.stages.tokenizer_stage",
     "pretrain": "instructjax.stages.pretrain",
+    "sft": "instructjax.stages.sft",
+    "reward": "instructjax.stages.reward",
 }
 
 

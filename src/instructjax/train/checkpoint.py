@@ -90,3 +90,32 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+PARAMS_DIR = "params"  # a finished stage's exported parameters, read by later stages
+
+
+def export_params(workdir: str, params: Any) -> str:
+    """Writes `params` to WORKDIR/params (synchronously) for later stages; returns the path."""
+    path = os.path.join(os.path.abspath(workdir), PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return path
+
+
+def load_params(workdir: str, target: Any) -> Any:
+    """Reads WORKDIR/params into `target` (ShapeDtypeStructs with shardings).
+
+    A missing export is a clear FileNotFoundError naming the stage directory.
+    """
+    path = os.path.join(os.path.abspath(workdir), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{workdir} has no exported parameters ({path}); has that stage finished?")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(path, target)
+    finally:
+        checkpointer.close()

@@ -119,6 +119,8 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 print(f"[{task.name}] already finished at step {start_step} ({workdir}); "
                       "nothing to do", flush=True)
             checkpointer.close()
+            if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
+                ckpt_lib.export_params(workdir, state.params)  # killed before exporting
             return LoopResult(state, start_step, finished=True, skipped=True)
         train_batches.set_state(meta["data_state"])
         writer.truncate_after(start_step)
@@ -195,6 +197,8 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 break
     checkpointer.close()
     writer.close()
+    if step == total_steps:
+        ckpt_lib.export_params(workdir, state.params)
     return LoopResult(state, step, finished=step == total_steps, preempted=preempted)
 
 

@@ -1,0 +1,20 @@
+"""Reward model on the demo task's K=4 ranked answers, trunk from the tiny SFT model.
+
+Command (after configs/sft_tiny.py wrote /tmp/ijx/sft):
+  python -m experiments.run --config=configs/reward_tiny.py --workdir=/tmp/ijx/reward \
+      --config.init_from=/tmp/ijx/sft
+Needs: CPU, a few minutes. Produces: metrics.jsonl with eval `accuracy` (pairwise, held-out
+comparisons) and WORKDIR/reward_stats.json (score mean/std over SFT samples, used by PPO).
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_base("reward", model="tiny")
+    config.init_from = "/tmp/ijx/sft"
+    config.data.seq_len = 64
+    config.train.update(dict(
+        steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20, weight_decay=0.0,
+        eval_every=100, eval_batches=13, log_every=20, checkpoint_every=100))
+    return config

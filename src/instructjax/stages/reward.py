@@ -1,0 +1,174 @@
+"""Stage 2: the reward model, trained on K ranked answers per prompt.
+
+Trunk from the SFT stage plus a scalar head; reward read at each sequence's last real token
+(always EOS); loss over all K(K-1)/2 pairs of a prompt in one batch element. After training,
+the mean and std of the reward over the SFT policy's own samples are saved for PPO's reward
+normalisation (OpenAI's gain/bias).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructjax.data import dialogue_sources, formats, jsonl, pipeline
+from instructjax.eval import true_score as true_score_lib
+from instructjax.model.heads import RewardModel, ScalarHead, reward_head_std
+from instructjax.model.transformer import Transformer
+from instructjax.rlhf import rollout, scoring
+from instructjax.stages import common, sft
+from instructjax.train import loop
+
+REWARD_STATS = "reward_stats.json"
+
+
+def comparison_example(comparison: formats.Comparison, *, tokenizer, template, max_length: int,
+                       max_turns: int, num_responses: int) -> dict[str, np.ndarray]:
+    """One comparison -> {"tokens" [K, T], "lengths" [K], "ranks" [K]} padded to K."""
+    batch = formats.collate_comparisons(
+        [formats.encode_comparison(comparison, tokenizer, template, max_length=max_length,
+                                   max_turns=max_turns)], num_responses=num_responses)
+    return {name: value[0] for name, value in batch.items()}
+
+
+def empty_example(num_responses: int, seq_len: int) -> dict[str, np.ndarray]:
+    """A padding example with no responses (no pairs, zero loss weight)."""
+    return {"tokens": np.zeros((num_responses, seq_len), np.int32),
+            "lengths": np.zeros((num_responses,), np.int32),
+            "ranks": np.full((num_responses,), -1, np.int32)}
+
+
+def reward_loss_fn(model: RewardModel):
+    """(params, batch, rng) -> (pair-loss sum over prompts, prompts, {"accuracy"}).
+
+    batch: tokens int32 [B, K, T] right-padded, lengths int32 [B, K], ranks int32 [B, K].
+    """
+
+    def loss_fn(params, batch, rng):
+        del rng
+        tokens_BKT = batch["tokens"]
+        B, K, T = tokens_BKT.shape
+        lengths = batch["lengths"].reshape(B * K)
+        mask = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.int32)
+        rewards_BK = scoring.score_sequences(model, params, tokens_BKT.reshape(B * K, T),
+                                             mask).reshape(B, K)
+        loss_sum, prompts, correct, pairs = scoring.ranked_pair_loss(rewards_BK, batch["ranks"])
+        return loss_sum, prompts, {"accuracy": (correct, pairs)}
+
+    return loss_fn
+
+
+def _num_responses(config: Any, sources) -> int:
+    if int(config.reward.num_responses):
+        return int(config.reward.num_responses)
+    return max(len(src[i].responses) for src in sources.values() for i in range(len(src)))
+
+
+def reward_statistics(config: Any, workdir: str, rm: RewardModel, rm_params, mesh,
+                      tokenizer, template) -> dict[str, float]:
+    """Mean/std of the RM score over the SFT policy's samples on training prompts."""
+    policy_cfg = common.model_config_from(common.read_run_info(config.init_from), config)
+    policy = Transformer(policy_cfg)
+    policy_params = common.load_transformer_params(config.init_from, policy_cfg, mesh)
+    prompts = _stat_prompts(config, workdir)
+    tokens, mask = true_score_lib.encode_prompts(
+        prompts, tokenizer, template, max_prompt_len=int(config.eval.max_prompt_len),
+        max_turns=int(config.chat.max_turns))
+    score = jax.jit(functools.partial(scoring.score_sequences, rm))
+    rewards, rng = [], jax.random.key(int(config.seed) + 17)
+    batch = int(config.eval.batch_size)
+    for start in range(0, len(tokens), batch):
+        rng, key = jax.random.split(rng)
+        out = rollout.generate(policy, policy_params, tokens[start:start + batch],
+                               mask[start:start + batch], key,
+                               max_new_tokens=int(config.eval.max_new_tokens),
+                               temperature=float(config.eval.temperature),
+                               top_k=int(config.eval.top_k), top_p=float(config.eval.top_p),
+                               greedy=False, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        rewards.append(np.asarray(jax.device_get(score(rm_params, out.tokens, out.mask))))
+    rewards = np.concatenate(rewards)
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()), "num_samples": len(rewards),
+            "temperature": float(config.eval.temperature)}
+
+
+def _stat_prompts(config: Any, workdir: str) -> list[formats.Prompt]:
+    count = int(config.reward.stats_samples)
+    if config.data.path:
+        # user comparison data: their contexts are the prompts the policy will see
+        records, _ = dialogue_sources.read_records(config.data.path, "comparison")
+        return [formats.Prompt(r.context) for r in records[:count]]
+    records, _ = dialogue_sources.read_records(sft.demo_task_paths(config, workdir)["prompts_train"],
+                                               "prompt")
+    return records[:count]
+
+
+def run(config: Any, workdir: str) -> loop.LoopResult:
+    """Trains (or resumes, or skips) the reward model in `workdir` from the SFT stage."""
+    os.makedirs(workdir, exist_ok=True)
+    _, model_cfg, tokenizer = common.init_from_stage(config, workdir, ("sft", "pretrain"))
+    mesh = common.build_mesh(config)
+    rm = RewardModel(model_cfg)
+    template = sft.chat_template(config)
+
+    if config.data.path:
+        train_paths = jsonl.resolve_paths(config.data.path)
+        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
+    else:
+        paths = sft.demo_task_paths(config, workdir)
+        train_paths, eval_paths = [paths["comparisons_train"]], [paths["comparisons_eval"]]
+    sources = dialogue_sources.build_comparison_source(
+        train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
+        eval_percent=int(config.data.eval_percent))
+    seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
+    k = _num_responses(config, sources)
+    to_example = functools.partial(comparison_example, tokenizer=tokenizer, template=template,
+                                   max_length=seq_len, max_turns=int(config.chat.max_turns),
+                                   num_responses=k)
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    per_process_batch = batch_size // jax.process_count()
+
+    def batches(split, **kwargs):
+        return pipeline.make_example_batches(sources[split], to_example,
+                                             batch_size=per_process_batch,
+                                             pad_example=empty_example(k, seq_len), **shard,
+                                             **kwargs)
+
+    def init_params_boxed(rng):
+        return rm.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+    def load_initial_params():
+        return {"trunk": common.load_transformer_params(config.init_from, model_cfg, mesh),
+                "head": _init_head(model_cfg.embed_dim, int(config.seed))}
+
+    task = loop.SupervisedTask(
+        name="reward", init_params_boxed=init_params_boxed, loss_fn=reward_loss_fn(rm),
+        make_train_batches=lambda: batches("train", seed=int(config.seed)),
+        make_eval_batches=lambda: batches("eval", seed=0, num_epochs=1, shuffle=False),
+        load_initial_params=load_initial_params, tokens_per_batch=batch_size * k * seq_len)
+    common.write_run_info(workdir, "reward", model_cfg)
+    result = loop.run_supervised(task, config.train, mesh, workdir, seed=int(config.seed))
+
+    stats_path = os.path.join(workdir, REWARD_STATS)
+    if result.finished and not os.path.exists(stats_path):
+        stats = reward_statistics(config, workdir, rm, result.state.params, mesh, tokenizer,
+                                  template)
+        if common.is_main_process():
+            with open(stats_path, "w", encoding="utf-8") as f:
+                json.dump(stats, f, indent=2)
+            print(f"[reward] score over SFT samples: mean {stats['mean']:.4f} "
+                  f"std {stats['std']:.4f} (n={stats['num_samples']})", flush=True)
+    return result
+
+
+def _init_head(embed_dim: int, seed: int):
+    """Fresh reward-head params only (the trunk comes from SFT)."""
+    head = ScalarHead(reward_head_std(embed_dim))
+    params = head.init(jax.random.key(seed), jnp.zeros((1, 1, embed_dim), jnp.float32))
+    return nn.meta.unbox(params["params"])

@@ -1,0 +1,103 @@
+"""Stage 1: supervised fine-tuning on dialogues in the unified Input->Output format.
+
+The model starts from the pretrain stage's exported parameters; the loss covers only the
+assistant answers (+ EOS), on packed rows whose documents never attend to each other.
+On the demo task, evaluation also reports the true score of greedy and sampled answers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructjax.data import demo, dialogue_sources, formats, jsonl, pipeline
+from instructjax.eval import true_score as true_score_lib
+from instructjax.model.transformer import Transformer
+from instructjax.stages import common
+from instructjax.train import loop
+from instructjax.train.losses import lm_loss_fn
+
+
+def chat_template(config: Any) -> formats.ChatTemplate:
+    """The ChatTemplate of `config.chat`."""
+    return formats.ChatTemplate(user=str(config.chat.user), assistant=str(config.chat.assistant))
+
+
+def demo_task_paths(config: Any, workdir: str) -> dict[str, str]:
+    """Writes (once, deterministically) the demo dialogue task; returns its file paths."""
+    return demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
+                                seed=int(config.data.demo_seed))
+
+
+def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: formats.ChatTemplate,
+                 max_length: int, max_turns: int, train_on: str) -> dict[str, np.ndarray]:
+    """One dialogue -> {"tokens" int32 [n], "loss_weights" float32 [n]} for packing."""
+    tokens, weights = formats.encode_sft(dialogue, tokenizer, template, max_length=max_length,
+                                         max_turns=max_turns, train_on=train_on)
+    return {"tokens": np.asarray(tokens, np.int32), "loss_weights": np.asarray(weights, np.float32)}
+
+
+def heldout_prompts(config: Any, workdir: str) -> list[formats.Prompt] | None:
+    """Held-out demo prompts for the true-score eval; None for user data (no true score)."""
+    if config.data.path:
+        return None
+    records, _ = dialogue_sources.read_records(demo_task_paths(config, workdir)["prompts_heldout"],
+                                               "prompt")
+    return records[: int(config.eval.num_prompts)]
+
+
+def run(config: Any, workdir: str) -> loop.LoopResult:
+    """Runs (or resumes, or skips if finished) SFT in `workdir` from `config.init_from`."""
+    os.makedirs(workdir, exist_ok=True)
+    info, model_cfg, tokenizer = common.init_from_stage(config, workdir, ("pretrain", "sft"))
+    mesh = common.build_mesh(config)
+    model = Transformer(model_cfg)
+    template = chat_template(config)
+
+    if config.data.path:
+        train_paths = jsonl.resolve_paths(config.data.path)
+        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
+    else:
+        paths = demo_task_paths(config, workdir)
+        train_paths, eval_paths = [paths["sft_train"]], [paths["sft_eval"]]
+    sources = dialogue_sources.build_sft_source(
+        train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
+        eval_percent=int(config.data.eval_percent))
+
+    seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
+    to_document = functools.partial(
+        sft_document, tokenizer=tokenizer, template=template, max_length=seq_len,
+        max_turns=int(config.chat.max_turns), train_on=str(config.sft.train_on))
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    per_process_batch = batch_size // jax.process_count()
+
+    def batches(split, **kwargs):
+        return pipeline.make_lm_batches(sources[split], tokenizer, seq_len=seq_len,
+                                        batch_size=per_process_batch, to_document=to_document,
+                                        **shard, **kwargs)
+
+    prompts = heldout_prompts(config, workdir)
+    extra_eval = None
+    if prompts:
+        extra_eval = functools.partial(true_score_lib.evaluate, model=model,
+                                       tokenizer=tokenizer, template=template,
+                                       prompts=prompts, eval_cfg=config.eval,
+                                       max_turns=int(config.chat.max_turns), seed=int(config.seed))
+
+    def init_params_boxed(rng):
+        return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+    task = loop.SupervisedTask(
+        name="sft", init_params_boxed=init_params_boxed, loss_fn=lm_loss_fn(model),
+        make_train_batches=lambda: batches("train", seed=int(config.seed)),
+        make_eval_batches=lambda: batches("eval", seed=0, num_epochs=1, shuffle=False),
+        load_initial_params=lambda: common.load_transformer_params(config.init_from, model_cfg, mesh),
+        extra_eval=extra_eval, tokens_per_batch=batch_size * seq_len)
+    common.write_run_info(workdir, "sft", model_cfg)
+    return loop.run_supervised(task, config.train, mesh, workdir, seed=int(config.seed))
+
