@@ -42,6 +42,30 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         num_responses=0,       # K to pad comparisons to; 0 = the largest K in the data
         stats_samples=256,     # SFT-policy samples for the reward mean/std saved for PPO
     ))
+    # PPO RLHF (stage 3). Defaults follow OpenAI's lm-human-preferences (PPO-DETAILS.md).
+    c.ppo = ml_collections.ConfigDict(dict(
+        reward_from="",            # workdir of the finished reward stage
+        prompts_per_iteration=64,  # rollout batch (prompts) per PPO iteration
+        num_samples=1,             # responses per prompt
+        minibatch_size=16,         # sequences per gradient step
+        epochs=4,                  # passes over each rollout batch
+        max_prompt_len=96, max_new_tokens=24,
+        temperature=0.7, top_k=0, top_p=1.0,
+        gamma=1.0, lam=0.95, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, entropy_coef=0.0,
+        whiten_advantages=True,
+        kl_estimator="k1",         # k1 | k3
+        kl_controller="adaptive",  # adaptive | fixed
+        init_kl_coef=0.15, kl_target=6.0, kl_horizon=10_000.0,
+        reward_clip=0.0,           # clip the normalised score to +-this; 0 = off
+        penalize_missing_eos=True, missing_eos_penalty=-1.0,
+        ptx_coef=0.0,              # PPO-ptx: weight of the pretraining LM loss (0 = off)
+        ptx_batch_size=8,
+        ptx_data_path="",          # pretraining text JSONL for PPO-ptx; empty = the demo corpus
+        critic="shared",           # shared (value head on the policy trunk) | separate (from the RM)
+        critic_learning_rate=5e-5,
+        frozen_dtype="float32",    # dtype of the frozen reference and reward models
+    ))
+
     # Generation-based evaluation (true score of greedy and sampled answers on held-out
     # prompts of the demo task; skipped for user data, which has no true score).
     c.eval = ml_collections.ConfigDict(dict(
@@ -54,4 +78,10 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         grad_accum_steps=1, eval_every=200, eval_batches=8, log_every=20,
         checkpoint_every=500, keep_checkpoints=3, async_checkpoint=True,
     ))
+    if stage == "pipeline":
+        # one full config per stage; run in this order, each in WORKDIR/<stage>/
+        c.stages = ml_collections.ConfigDict({name: get_base(name, model) for name in PIPELINE})
     return c
+
+
+PIPELINE = ("tokenizer", "pretrain", "sft", "reward", "ppo")

@@ -179,3 +179,10 @@ def test_demo_corpus_facts_are_true_and_formats_mixed(corpus):
         cities[person].add(city)
     assert cities and all(len(c) == 1 for c in cities.values())
     assert json.dumps(texts[0], ensure_ascii=False)
+
+
+def test_decode_maps_ids_past_the_vocabulary_to_unknown(tmp_path):
+    tok = tok_lib.train_tokenizer(["你好 world\n1 加 2 等于 3。"] * 50, str(tmp_path / "t.model"), 300,
+                                    seed=0)
+    ids = tok.encode("world")
+    assert tok.decode(ids + [tok.vocab_size + 5]) == tok.decode(ids + [tok.unk_id])

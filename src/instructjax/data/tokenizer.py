@@ -63,8 +63,13 @@ class Tokenizer:
         return self._sp.encode(text, out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of a sequence of ids (list or 1-D int array); pad/bos/eos ids decode to ""."""
-        return self._sp.decode([int(i) for i in ids])
+        """Text of a sequence of ids (list or 1-D int array); pad/bos/eos ids decode to "".
+
+        Ids past the vocabulary (a model's vocab is often padded beyond the tokenizer's, and
+        an undertrained model can sample those rows) decode as the unknown piece.
+        """
+        size = self.vocab_size
+        return self._sp.decode([int(i) if 0 <= int(i) < size else self.unk_id for i in ids])
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece of one id, e.g. "▁plus", "<0xF0>" or "\\n" (for debugging)."""

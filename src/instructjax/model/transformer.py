@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from instructjax.kernels import reference
+from instructjax.model.cache import CACHE_AXES, LAYER_CACHE_AXES, KVCache
 from instructjax.model.config import ModelConfig
 
 # Logical names of activations; parallel/mesh.py maps them to mesh axes.
@@ -208,12 +209,26 @@ class Attention(nn.Module):
 
     Params: query kernel [E, H, D], key and value kernels [E, K, D] (plus [H, D] / [K, D]
     biases when cfg.qkv_bias), out kernel [H, D, E].
+
+    Decoding (`kv_cache` given): the chunk's keys and values go into a copy of this layer's
+    cache slice at slots cache_index .. cache_index + T - 1, the queries attend over the
+    whole slice through kernels/reference.cached_attention (kv_mask and slot order decide
+    what each query sees), and the chunk itself is returned for the caller to store. The
+    cached path uses that reference for every attention_impl: the Pallas decode kernel
+    attends to a prefix of slots per row, which cannot hide the left padding of a batch of
+    prompts, so it is not wired in here.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv_cache=None, cache_index=None,
+                 kv_mask_BS=None):
+        """Returns out [B, T, E], or (out, KVCache chunk [B, T, K, D]) when kv_cache is given.
+
+        kv_cache: KVCache slice [B, S, K, D] of this layer; cache_index: int scalar, the slot
+        of the chunk's first token; kv_mask_BS: [B, S], 1 where a slot holds a real token.
+        """
         cfg = self.cfg
 
         def project(num_heads, heads_axis, name):
@@ -228,13 +243,24 @@ class Attention(nn.Module):
         q_BTHD = nn.with_logical_constraint(q_BTHD, _BTHD)
         k_BTKD = nn.with_logical_constraint(k_BTKD, _BTKD)
         v_BTKD = nn.with_logical_constraint(v_BTKD, _BTKD)
-        # A KV cache for decoding slots in here: write k, v at the cache index and attend
-        # over the cache instead of the current chunk only.
-        out_BTHD = ATTENTION_FNS[cfg.attention_impl](q_BTHD, k_BTKD, v_BTKD,
-                                                     segment_ids=segment_ids_BT, causal=True)
+        if kv_cache is None:
+            out_BTHD = ATTENTION_FNS[cfg.attention_impl](q_BTHD, k_BTKD, v_BTKD,
+                                                         segment_ids=segment_ids_BT, causal=True)
+            chunk = None
+        else:
+            chunk = KVCache(k=k_BTKD, v=v_BTKD)
+            # Only the chunk leaves this layer: the caller writes all layers' chunks into the
+            # cache at once, instead of every step rewriting every layer's whole slice.
+            merged = kv_cache.write(chunk, cache_index)
+            k_BSKD = nn.with_logical_constraint(merged.k, LAYER_CACHE_AXES)
+            v_BSKD = nn.with_logical_constraint(merged.v, LAYER_CACHE_AXES)
+            out_BTHD = reference.cached_attention(
+                q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
+                kv_mask=kv_mask_BS, q_offset=cache_index)
         out_BTHD = nn.with_logical_constraint(out_BTHD, _BTHD)
-        return Projection((cfg.embed_dim,), ("heads", "head_dim"), ("embed",), False,
-                          name="out", **_dtypes(cfg))(out_BTHD)
+        out_BTE = Projection((cfg.embed_dim,), ("heads", "head_dim"), ("embed",), False,
+                             name="out", **_dtypes(cfg))(out_BTHD)
+        return out_BTE if kv_cache is None else (out_BTE, chunk)
 
 
 class Mlp(nn.Module):
@@ -261,18 +287,26 @@ class Block(nn.Module):
     """One pre-norm decoder block, [B, T, E] -> ([B, T, E], None).
 
     It returns a (carry, output) pair so the same module works under nn.scan and in a loop.
+    When decoding (kv_cache given, see Attention) the output is the layer's new KVCache
+    chunk [B, T, K, D], which nn.scan stacks into [L, B, T, K, D].
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv_cache=None, cache_index=None,
+                 kv_mask_BS=None):
         x_BTE = nn.with_logical_constraint(x_BTE, _BTE)
         h_BTE = _norm(self.cfg, "attn_norm")(x_BTE)
-        x_BTE = x_BTE + Attention(self.cfg, name="attn")(h_BTE, positions_BT, segment_ids_BT)
+        attn = Attention(self.cfg, name="attn")
+        if kv_cache is None:
+            attn_BTE, chunk = attn(h_BTE, positions_BT, segment_ids_BT), None
+        else:
+            attn_BTE, chunk = attn(h_BTE, positions_BT, None, kv_cache, cache_index, kv_mask_BS)
+        x_BTE = x_BTE + attn_BTE
         h_BTE = _norm(self.cfg, "mlp_norm")(x_BTE)
         x_BTE = x_BTE + Mlp(self.cfg, name="mlp")(h_BTE)
-        return nn.with_logical_constraint(x_BTE, _BTE), None
+        return nn.with_logical_constraint(x_BTE, _BTE), chunk
 
 
 class Transformer(nn.Module):
@@ -287,27 +321,48 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, return_hidden=False):
-        """Next-token logits.
+    def __call__(self, tokens, positions=None, segment_ids=None, *, return_hidden=False,
+                 cache=None, cache_index=None, kv_mask=None):
+        """Next-token logits, optionally decoding against a KV cache.
 
         Args:
             tokens: int32 [B, T] token ids, T <= cfg.max_seq_len.
             positions: int32 [B, T] position within each token's document (restarting at 0
-                for each packed document); default 0..T-1 in every row.
+                for each packed document); default 0..T-1 in every row, or
+                cache_index + 0..T-1 when decoding. With left-padded prompts pass
+                cumsum(mask) - 1 (clipped at 0): RoPE must see each row's own positions.
             segment_ids: int32 [B, T] document id per token, 1, 2, ... within a row and
                 0 for padding; tokens only attend within their own segment. Default (None)
-                is one segment per row, run without a segment mask.
+                is one segment per row, run without a segment mask. Not used with a cache
+                (kv_mask plays its part there).
             return_hidden: also return the final-normed hidden states the LM head reads.
+            cache: optional KVCache [L, B, S, K, D] (model/cache.py), S <= cfg.max_seq_len.
+                When given, the call decodes: the T tokens take slots cache_index ..
+                cache_index + T - 1 (their keys and values are written there), each attends
+                to the slots up to its own that kv_mask marks real, and the updated cache is
+                returned. Prefill is one call with the whole prompt at cache_index 0; then
+                one call per new token.
+            cache_index: int32 scalar (may be traced), the slot of tokens[:, 0], the same for
+                all rows; required with a cache. cache_index + T must not exceed S.
+            kv_mask: int or bool [B, S], 1 where a slot holds (or will hold) a real token,
+                0 for padding; default all ones.
 
         Returns:
-            float32 logits [B, T, V], or (logits, hidden [B, T, E] in cfg.dtype).
+            float32 logits [B, T, V], or (logits, hidden [B, T, E] in cfg.dtype) with
+            return_hidden; with a cache, a pair (that result, the updated KVCache).
         """
         cfg = self.cfg
         B, T = tokens.shape
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds cfg.max_seq_len={cfg.max_seq_len}")
+        if cache is not None:
+            _check_cache_args(cfg, tokens, segment_ids, cache, cache_index, kv_mask)
+            if kv_mask is None:
+                kv_mask = jnp.ones((B, cache.max_len), jnp.int32)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+            offset = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :] + offset,
+                                         (B, T))
 
         # With E**-0.5 the tied head's initial logits have unit scale (the final norm makes
         # the hidden state's entries ~1).
@@ -323,20 +378,10 @@ class Transformer(nn.Module):
             x_BTE = self.perturb("embed_out", x_BTE)
         x_BTE = nn.with_logical_constraint(x_BTE, _BTE)
 
-        block = Block
-        policy = _REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != "none":
-            # Under scan the loop boundary already keeps XLA from merging the recomputation
-            # into the forward pass; the CSE-preventing barriers are only needed unrolled.
-            block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTE, _ = stack(cfg, name="layers")(x_BTE, positions, segment_ids)
+        if cache is not None:
+            x_BTE, cache = self._decode_layers(x_BTE, positions, cache, cache_index, kv_mask)
         else:
-            for i in range(cfg.num_layers):
-                x_BTE, _ = block(cfg, name=f"layers_{i}")(x_BTE, positions, segment_ids)
+            x_BTE = self._train_layers(x_BTE, positions, segment_ids)
 
         hidden_BTE = _norm(cfg, "final_norm")(x_BTE)
         # The head accumulates in float32 even under bf16 compute: PPO's probability ratios
@@ -351,9 +396,77 @@ class Transformer(nn.Module):
                                   kernel_init=_kernel_init("embed", "vocab"), dot_general=f32_dot,
                                   name="lm_head", **_dtypes(cfg))(hidden_BTE)
         logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), _BTV)
-        if return_hidden:
-            return logits_BTV, hidden_BTE
-        return logits_BTV
+        out = (logits_BTV, hidden_BTE) if return_hidden else logits_BTV
+        return out if cache is None else (out, cache)
+
+    def _train_layers(self, x_BTE, positions_BT, segment_ids_BT):
+        """The block stack of the training path (scanned or unrolled, remat per config)."""
+        cfg = self.cfg
+        block = Block
+        policy = _REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            # Under scan the loop boundary already keeps XLA from merging the recomputation
+            # into the forward pass; the CSE-preventing barriers are only needed unrolled.
+            block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTE, _ = stack(cfg, name="layers")(x_BTE, positions_BT, segment_ids_BT)
+        else:
+            for i in range(cfg.num_layers):
+                x_BTE, _ = block(cfg, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
+        return x_BTE
+
+    def _decode_layers(self, x_BTE, positions_BT, cache, cache_index, kv_mask_BS):
+        """The block stack against a KV cache: (x [B, T, E], cache with the chunk written).
+
+        The same Block modules under the same names as the training path, so the param tree
+        is the same; without remat, as decoding takes no gradients.
+        """
+        cfg = self.cfg
+        if cfg.scan_layers:
+            # in_axes=0 on the cache gives each block its layer's [B, S, K, D] slice; the
+            # blocks' chunks come back stacked as [L, B, T, K, D].
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTE, chunks = stack(cfg, name="layers")(x_BTE, positions_BT, None, cache,
+                                                      cache_index, kv_mask_BS)
+        else:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                layer_cache = KVCache(k=cache.k[i], v=cache.v[i])
+                x_BTE, chunk = Block(cfg, name=f"layers_{i}")(x_BTE, positions_BT, None,
+                                                              layer_cache, cache_index,
+                                                              kv_mask_BS)
+                per_layer.append(chunk)
+            chunks = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        cache = cache.write(chunks, cache_index)
+        cache = KVCache(k=nn.with_logical_constraint(cache.k, CACHE_AXES),
+                        v=nn.with_logical_constraint(cache.v, CACHE_AXES))
+        return x_BTE, cache
+
+
+def _check_cache_args(cfg, tokens, segment_ids, cache, cache_index, kv_mask):
+    """Static checks of a decoding call's arguments (shapes only; the index may be traced)."""
+    B, T = tokens.shape
+    expected = (cfg.num_layers, B, cache.max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cache.k.shape != expected or cache.v.shape != expected:
+        raise ValueError(f"cache k {cache.k.shape} / v {cache.v.shape} must be [L, B, S, K, D] "
+                         f"= {expected}")
+    if cache.max_len > cfg.max_seq_len:
+        raise ValueError(f"cache length {cache.max_len} exceeds "
+                         f"cfg.max_seq_len={cfg.max_seq_len}")
+    if T > cache.max_len:
+        raise ValueError(f"{T} tokens do not fit a cache of {cache.max_len} slots")
+    if cache_index is None:
+        raise ValueError("decoding with a cache needs cache_index (the slot of tokens[:, 0])")
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not used with a cache; mark padding in kv_mask")
+    if kv_mask is not None and kv_mask.shape != (B, cache.max_len):
+        raise ValueError(f"kv_mask {kv_mask.shape} must be [B, S] = [{B}, {cache.max_len}]")
 
 
 def init_params(cfg, rng, batch_shape=(1, 8)):

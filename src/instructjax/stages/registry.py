@@ -14,6 +14,8 @@ STAGES = {
     "pretrain": "instructjax.stages.pretrain",
     "sft": "instructjax.stages.sft",
     "reward": "instructjax.stages.reward",
+    "ppo": "instructjax.stages.ppo",
+    "pipeline": "instructjax.stages.pipeline",
 }
 
 

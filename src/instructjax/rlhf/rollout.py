@@ -1,0 +1,287 @@
+"""Sampling responses from a policy with a KV cache, and the log-probs PPO recomputes.
+
+`generate` left-pads nothing itself: it takes prompts already left-padded (pad on the left,
+mask 0 there), so every row's last prompt token sits in the same column and all rows share
+one cache write index. It runs one forward pass over the prompts (the prefill, which fills
+the cache), then a `lax.while_loop` of one-token steps that stops as soon as every row has
+emitted EOS. RoPE positions come from the mask (cumsum(mask) - 1), so a prompt's tokens get
+the same positions whatever its amount of padding, and padding slots are hidden from
+attention by the cache's key mask.
+
+Log-probs: `Rollout.logprobs` is log softmax(logits / temperature) at each sampled token,
+over the FULL vocabulary, i.e. before any top-k / top-p filtering. That is the distribution
+`sequence_logprobs` recomputes (OpenAI's lm-human-preferences and TRL do the same), so the
+PPO ratio starts at exactly 1 up to float error; filtering only decides which tokens can be
+drawn. Greedy decoding records the same temperature-scaled log-probs.
+
+Letters: B prompts, R = B * num_samples rows, P prompt length, N max new tokens,
+S = P + N sequence length, V vocab.
+"""
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from instructjax.model.cache import init_cache
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Sampled sequences, all rows aligned (row b * num_samples + j is sample j of prompt b).
+
+    Attributes:
+        tokens: int32 [R, P + N], the left-padded prompt then the response.
+        mask: int32 [R, P + N], 1 on real prompt tokens and on response tokens up to and
+            including the first EOS; 0 on padding (left of the prompt, after the EOS).
+        response: int32 [R, N], the sampled tokens; pad_id after the first EOS.
+        response_mask: int32 [R, N], 1 up to and including the first EOS, else 0.
+        logprobs: float32 [R, N], log-prob of each response token under
+            softmax(logits / temperature) over the full vocabulary; 0 where response_mask is 0.
+        ended: bool [R], the row emitted EOS within the N tokens.
+        response_length: int32 [R], number of response tokens counted by response_mask
+            (the EOS included; N when the row did not end).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    response: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    ended: jax.Array
+    response_length: jax.Array
+
+
+def positions_from_mask(mask):
+    """RoPE positions of left-padded rows: cumsum(mask) - 1, clipped at 0 on the padding.
+
+    Args:
+        mask: int or bool [B, S], 1 on real tokens.
+
+    Returns:
+        int32 [B, S]: the i-th real token of a row gets position i; padding gets 0.
+    """
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Top-k, then top-p (nucleus) filtering: removed entries become -inf.
+
+    Apply it to temperature-scaled logits (the order of Hugging Face's samplers:
+    temperature, top-k, top-p).
+
+    Args:
+        logits: float [..., V].
+        top_k: keep exactly the k largest entries (ties broken by lower index); 0 or k >= V
+            keeps all. Static.
+        top_p: keep the smallest set of largest-probability entries whose probability
+            (under the softmax of the top-k-filtered logits) sums to at least top_p; the
+            largest entry is always kept. 1.0 keeps all. Static. The boundary test runs on
+            float32 cumulative sums, so a set whose mass equals top_p exactly may gain or
+            lose its last member to rounding.
+
+    Returns:
+        float [..., V] in logits.dtype, the kept entries unchanged.
+    """
+    V = logits.shape[-1]
+    removed = jnp.array(-jnp.inf, logits.dtype)
+    if 0 < top_k < V:
+        _, top_idx = jax.lax.top_k(logits, top_k)
+        keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), top_idx, True, axis=-1,
+                                  inplace=False)
+        logits = jnp.where(keep, logits, removed)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        probs_sorted = jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                                           order, axis=-1)
+        # Entry i is needed while the mass of the entries before it is still short of top_p:
+        # exactly the minimal nucleus, and never empty (the first has 0 mass before it).
+        mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+        keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, mass_before < top_p,
+                                  axis=-1, inplace=False)
+        logits = jnp.where(keep, logits, removed)
+    return logits
+
+
+def mask_after_eos(response, eos_id):
+    """Which response tokens count: those up to and including each row's first EOS.
+
+    Args:
+        response: int [B, N] tokens.
+        eos_id: int, may be traced.
+
+    Returns:
+        (response_mask int32 [B, N], response_length int32 [B], ended bool [B]): ended says
+        whether the row holds an EOS; length is the first EOS's index + 1, or N.
+    """
+    N = response.shape[1]
+    is_eos = response == eos_id
+    ended = jnp.any(is_eos, axis=1)
+    length = jnp.where(ended, jnp.argmax(is_eos, axis=1) + 1, N).astype(jnp.int32)
+    response_mask = (jnp.arange(N)[None, :] < length[:, None]).astype(jnp.int32)
+    return response_mask, length, ended
+
+
+def _sample(logits_RV, key, *, temperature, top_k, top_p, greedy):
+    """One token per row and its log-prob under the temperature-scaled full softmax.
+
+    Returns (token int32 [R], logprob float32 [R]).
+    """
+    scaled_RV = logits_RV.astype(jnp.float32) / temperature
+    if greedy:
+        token_R = jnp.argmax(scaled_RV, axis=-1)
+    else:
+        token_R = jax.random.categorical(key, filter_logits(scaled_RV, top_k, top_p), axis=-1)
+    token_R = token_R.astype(jnp.int32)
+    logprob_R = jnp.take_along_axis(jax.nn.log_softmax(scaled_RV, axis=-1), token_R[:, None],
+                                    axis=-1)[:, 0]
+    return token_R, logprob_R
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "temperature", "top_k", "top_p", "greedy", "num_samples"))
+def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
+              max_new_tokens, temperature, top_k, top_p, greedy, num_samples):
+    """generate's jitted body; returns (Rollout, number of forward passes run)."""
+    P, N = prompt_tokens.shape[1], max_new_tokens
+    sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                               greedy=greedy)
+    tokens_RP = jnp.repeat(prompt_tokens.astype(jnp.int32), num_samples, axis=0)
+    mask_RP = jnp.repeat(prompt_mask.astype(jnp.int32), num_samples, axis=0)
+    R = tokens_RP.shape[0]
+    prompt_len_R = jnp.sum(mask_RP, axis=1)
+
+    # The last sampled token is never fed back, so P + N - 1 slots hold everything read.
+    # Response slots are all marked real: a row's tokens after its EOS are only seen by that
+    # row's own later (discarded) steps.
+    cache = init_cache(model.cfg, R, P + N - 1)
+    kv_mask_RS = jnp.concatenate([mask_RP, jnp.ones((R, N - 1), jnp.int32)], axis=1)
+    apply = functools.partial(model.apply, {"params": params}, kv_mask=kv_mask_RS)
+
+    logits_RPV, cache = apply(tokens_RP, positions_from_mask(mask_RP), cache=cache,
+                              cache_index=0)
+    token_R, logprob_R = sample(logits_RPV[:, -1], jax.random.fold_in(rng, 0))
+    response_RN = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(token_R)
+    logprobs_RN = jnp.zeros((R, N), jnp.float32).at[:, 0].set(logprob_R)
+    state = (jnp.int32(1), cache, token_R, token_R == eos_id, response_RN, logprobs_RN)
+
+    def not_done(state):
+        i, _, _, ended_R, _, _ = state
+        return (i < N) & ~jnp.all(ended_R)
+
+    def step(state):
+        # Feeds token i - 1 (slot P + i - 1, position prompt_len + i - 1) and samples token i.
+        i, cache, last_R, ended_R, response_RN, logprobs_RN = state
+        logits_R1V, cache = apply(last_R[:, None], (prompt_len_R + i - 1)[:, None],
+                                  cache=cache, cache_index=P + i - 1)
+        token_R, logprob_R = sample(logits_R1V[:, 0], jax.random.fold_in(rng, i))
+        token_R = jnp.where(ended_R, pad_id, token_R)
+        logprob_R = jnp.where(ended_R, 0.0, logprob_R)
+        response_RN = jax.lax.dynamic_update_slice(response_RN, token_R[:, None], (0, i))
+        logprobs_RN = jax.lax.dynamic_update_slice(logprobs_RN, logprob_R[:, None], (0, i))
+        return i + 1, cache, token_R, ended_R | (token_R == eos_id), response_RN, logprobs_RN
+
+    num_steps, _, _, _, response_RN, logprobs_RN = jax.lax.while_loop(not_done, step, state)
+
+    response_mask_RN, length_R, ended_R = mask_after_eos(response_RN, eos_id)
+    rollout = Rollout(
+        tokens=jnp.concatenate([tokens_RP, response_RN], axis=1),
+        mask=jnp.concatenate([mask_RP, response_mask_RN], axis=1),
+        response=response_RN,
+        response_mask=response_mask_RN,
+        logprobs=jnp.where(response_mask_RN == 1, logprobs_RN, 0.0),
+        ended=ended_R,
+        response_length=length_R)
+    return rollout, num_steps
+
+
+def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
+             temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_id, pad_id,
+             num_samples=1, return_num_steps=False):
+    """Samples up to max_new_tokens per row after left-padded prompts, with a KV cache.
+
+    Compiled once per (model, shapes, static options); callable inside another jit.
+
+    Args:
+        model: a Transformer (model/transformer.py); static (it is hashable).
+        params: its params.
+        prompt_tokens: int32 [B, P], left-padded with pad_id; each row needs at least one
+            real token (e.g. BOS), and P + max_new_tokens <= model.cfg.max_seq_len.
+        prompt_mask: int or bool [B, P], 1 on real prompt tokens (a suffix of each row).
+        rng: PRNG key; step i draws with fold_in(rng, i), rows independently.
+        max_new_tokens: N >= 1; static.
+        temperature: > 0, logits are divided by it before filtering and log-probs; static.
+        top_k, top_p: filters applied before drawing (see filter_logits); static.
+        greedy: take the argmax instead of drawing (filters and rng unused); static.
+        eos_id: int, ends a row (kept, counted in the mask); may be traced.
+        pad_id: int written after a row's EOS; it must differ from eos_id. May be traced.
+        num_samples: n >= 1 samples per prompt, rows b * n + j; static.
+        return_num_steps: also return the number of forward passes run (the prefill plus
+            one per decode step; fewer than N when every row ended early), e.g. for the
+            rollout tokens/s log.
+
+    Returns:
+        Rollout with R = B * num_samples rows, or (Rollout, int32 scalar) with
+        return_num_steps.
+    """
+    cfg = model.cfg
+    B, P = prompt_tokens.shape
+    if prompt_mask.shape != (B, P):
+        raise ValueError(f"prompt_mask {prompt_mask.shape} must match prompt_tokens {(B, P)}")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) "
+                         "must be >= 1")
+    if P + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+                         f"cfg.max_seq_len={cfg.max_seq_len}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), "
+                         f"got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
+                         f"top_p={top_p}")
+    rollout, num_steps = _generate(
+        model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id,
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), greedy=bool(greedy), num_samples=num_samples)
+    return (rollout, num_steps) if return_num_steps else rollout
+
+
+def make_generate_fn(model, **options):
+    """generate with the model and options fixed: fn(params, prompt_tokens, prompt_mask, rng).
+
+    `options` are generate's keyword arguments (max_new_tokens, eos_id and pad_id required).
+    """
+    return functools.partial(generate, model, **options)
+
+
+def sequence_logprobs(model, params, tokens, mask, response_start, temperature=1.0):
+    """Log-probs and entropies of the response tokens, from one uncached forward pass.
+
+    PPO's old, reference and new log-probs all come from here, under the same temperature
+    as sampling (PPO-DETAILS.md, Sequences). Pad tokens (mask 0) are segment 0 of the
+    attention mask, so no token sees them, and positions are cumsum(mask) - 1: the same
+    attention and positions as generate's cached decoding.
+
+    Args:
+        model: a Transformer.
+        params: its params.
+        tokens: int32 [B, S], left-padded prompt then response (Rollout.tokens).
+        mask: int [B, S], 1 on real tokens (Rollout.mask).
+        response_start: P, static int, the column of the first response token (>= 1).
+        temperature: the logits are divided by it before the log-softmax.
+
+    Returns:
+        (logprobs, entropy), float32 [B, S - P] each: log p(tokens[:, t] | tokens[:, < t])
+        and the entropy of that next-token distribution, for t = P .. S - 1, both under
+        softmax(logits / temperature) over the full vocabulary; 0 where mask is 0.
+    """
+    P = response_start
+    mask = mask.astype(jnp.int32)
+    logits_BSV = model.apply({"params": params}, tokens, positions_from_mask(mask), mask)
+    # The logits at column t - 1 predict the token at column t.
+    logp_BNV = jax.nn.log_softmax(logits_BSV[:, P - 1:-1] / temperature, axis=-1)
+    logprobs_BN = jnp.take_along_axis(logp_BNV, tokens[:, P:, None], axis=-1)[..., 0]
+    entropy_BN = -jnp.sum(jnp.exp(logp_BNV) * logp_BNV, axis=-1)
+    real_BN = mask[:, P:] == 1
+    return jnp.where(real_BN, logprobs_BN, 0.0), jnp.where(real_BN, entropy_BN, 0.0)

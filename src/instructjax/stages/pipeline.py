@@ -1,0 +1,141 @@
+"""Stage `pipeline`: tokenizer -> pretrain -> SFT -> reward -> PPO, each in WORKDIR/<stage>/.
+
+Each stage's config is `config.stages.<stage>`; the top-level seed, mesh and distributed
+settings apply to all of them, and `init_from` / `ppo.reward_from` are wired to the earlier
+stages' directories. Finished stages are skipped, unfinished ones resume. At the end,
+WORKDIR/summary.json holds the true score after pretrain, SFT and PPO, the reward model's
+accuracy, the final KL and each stage's wall time; a table is printed and the PPO curves are
+plotted to WORKDIR/ppo_curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from instructjax.stages import common
+from instructjax.train.metrics import read_metrics
+
+ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+SHARED_KEYS = ("seed", "mesh", "distributed")
+STAGE_TIME = "stage_time.json"
+
+
+def stage_config(config: Any, name: str, workdir: str) -> Any:
+    """The config of stage `name`, wired to the pipeline's shared keys and directories."""
+    sub = config.stages[name].copy_and_resolve_references()
+    with sub.unlocked():
+        sub.stage = name
+        for key in SHARED_KEYS:
+            sub[key] = config[key]
+        if name in ("pretrain",):
+            sub.tokenizer.path = os.path.join(workdir, "tokenizer", common.TOKENIZER_FILE)
+        previous = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}.get(name)
+        if previous:
+            sub.init_from = os.path.join(workdir, previous)
+        if name == "ppo":
+            sub.ppo.reward_from = os.path.join(workdir, "reward")
+    return sub
+
+
+def _final_eval(rows: list[dict], key: str, first: bool = False):
+    values = [r[key] for r in rows if r["split"] == "eval" and key in r]
+    if not values:
+        return None
+    return values[0] if first else values[-1]
+
+
+def summarize(workdir: str, wall: dict[str, float]) -> dict:
+    """summary.json contents from the stages' metrics.jsonl files."""
+    sft_rows = read_metrics(os.path.join(workdir, "sft"))
+    ppo_rows = read_metrics(os.path.join(workdir, "ppo"))
+    reward_rows = read_metrics(os.path.join(workdir, "reward"))
+    ppo_train = [r for r in ppo_rows if r["split"] == "train"]
+    summary = {
+        "true_score": {
+            "pretrain": _final_eval(sft_rows, "true_score", first=True),  # SFT eval at step 0
+            "sft": _final_eval(sft_rows, "true_score"),
+            "ppo": _final_eval(ppo_rows, "true_score"),
+        },
+        "true_score_sampled": {
+            "pretrain": _final_eval(sft_rows, "true_score_sampled", first=True),
+            "sft": _final_eval(sft_rows, "true_score_sampled"),
+            "ppo": _final_eval(ppo_rows, "true_score_sampled"),
+        },
+        "reward_accuracy": _final_eval(reward_rows, "accuracy"),
+        "ppo_final_kl": ppo_train[-1]["kl"] if ppo_train else None,
+        "ppo_final_score": ppo_train[-1]["score"] if ppo_train else None,
+        "wall_time_s": wall,
+    }
+    summary["wall_time_s"]["total"] = sum(v for v in wall.values() if v is not None)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    """The summary as a small text table."""
+    ts, tss = summary["true_score"], summary["true_score_sampled"]
+    fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n| stage    | true score (greedy) | true score (sampled) | wall s |")
+    print("|----------|---------------------|----------------------|--------|")
+    for name in ("pretrain", "sft", "ppo"):
+        wall = summary["wall_time_s"].get(name)
+        print(f"| {name:8s} | {fmt(ts[name]):>19s} | {fmt(tss[name]):>20s} | "
+              f"{'n/a' if wall is None else f'{wall:.0f}':>6s} |")
+    print(f"\nreward model accuracy {fmt(summary['reward_accuracy'])}; "
+          f"PPO final KL {fmt(summary['ppo_final_kl'])}; "
+          f"total wall {summary['wall_time_s']['total']:.0f} s\n", flush=True)
+
+
+def plot_ppo(workdir: str, path: str) -> None:
+    """PNG of the PPO curves: RM score, true score and KL against iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(os.path.join(workdir, "ppo"))
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval" and "true_score" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["score"] for r in train])
+    axes[0].set_title("normalised RM score")
+    axes[1].plot([r["step"] for r in evals], [r["true_score"] for r in evals], "o-", label="greedy")
+    axes[1].plot([r["step"] for r in evals], [r["true_score_sampled"] for r in evals], "s--",
+                 label="sampled")
+    axes[1].set_title("true score (held-out)")
+    axes[1].legend()
+    axes[2].plot([r["step"] for r in train], [r["kl"] for r in train])
+    axes[2].set_title("KL(policy || SFT) per sequence")
+    for ax in axes:
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(config: Any, workdir: str) -> dict:
+    """Runs every stage in order (skipping finished ones) and writes the summary."""
+    from instructjax.stages.registry import get_stage
+    os.makedirs(workdir, exist_ok=True)
+    wall = {}
+    for name in ORDER:
+        stage_dir = os.path.join(workdir, name)
+        start = time.perf_counter()
+        get_stage(name)(stage_config(config, name, workdir), stage_dir)
+        elapsed = time.perf_counter() - start
+        timing_path = os.path.join(stage_dir, STAGE_TIME)
+        if os.path.exists(timing_path):  # cumulative over resumed / skipped invocations
+            with open(timing_path, encoding="utf-8") as f:
+                elapsed += json.load(f)["wall_s"]
+        if common.is_main_process():
+            with open(timing_path, "w", encoding="utf-8") as f:
+                json.dump({"wall_s": elapsed}, f)
+        wall[name] = elapsed
+    summary = summarize(workdir, wall)
+    if common.is_main_process():
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        plot_ppo(workdir, os.path.join(workdir, "ppo_curves.png"))
+        print_table(summary)
+    return summary

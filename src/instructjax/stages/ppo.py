@@ -1,0 +1,330 @@
+"""Stage 3: PPO RLHF -- rollout, reference, reward, advantages, updates, log -- in named phases.
+
+The policy starts from the SFT stage (`config.init_from`), the frozen reference is a copy of
+it, and the reward model and its score statistics come from `config.ppo.reward_from`.
+One iteration: sample responses to a batch of prompts with the KV-cache rollout engine, compute
+old log-probs / values / reference log-probs / scores ONCE, build advantages, then run
+`ppo.epochs` passes of minibatch updates over that frozen buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instructjax.data import dialogue_sources, formats, jsonl, pipeline, tfds_builders
+from instructjax.eval import true_score as true_score_lib
+from instructjax.model.heads import RewardModel, ScalarHead
+from instructjax.parallel import mesh as mesh_lib
+from instructjax.model.transformer import Transformer
+from instructjax.rlhf import actor_critic as ac
+from instructjax.rlhf import experience as exp_lib
+from instructjax.rlhf import kl as kl_lib
+from instructjax.rlhf import rollout
+from instructjax.stages import common, pretrain, reward, sft
+from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import metrics as metrics_lib
+from instructjax.train import optim, state as state_lib
+from instructjax.train.loop import _SigtermFlag
+from instructjax.train.losses import lm_loss_fn
+
+
+# ------------------------------------------------------------------------------ setup
+
+def hyper(config: Any) -> exp_lib.PPOHyper:
+    """PPOHyper from config.ppo."""
+    p = config.ppo
+    return exp_lib.PPOHyper(
+        prompt_len=int(p.max_prompt_len), temperature=float(p.temperature), gamma=float(p.gamma),
+        lam=float(p.lam), clip_eps=float(p.clip_eps), value_clip_eps=float(p.value_clip_eps),
+        vf_coef=float(p.vf_coef), entropy_coef=float(p.entropy_coef),
+        whiten_advantages=bool(p.whiten_advantages), kl_estimator=str(p.kl_estimator),
+        reward_clip=float(p.reward_clip),
+        missing_eos_penalty=float(p.missing_eos_penalty) if p.penalize_missing_eos else None,
+        ptx_coef=float(p.ptx_coef), chunk=int(p.minibatch_size))
+
+
+def check_sizes(config: Any) -> tuple[int, int]:
+    """(rollout batch B = prompts x samples, minibatches per epoch), validated."""
+    p = config.ppo
+    batch = int(p.prompts_per_iteration) * int(p.num_samples)
+    if batch % int(p.minibatch_size):
+        raise common.StageError(
+            f"ppo.prompts_per_iteration x ppo.num_samples = {batch} must be a multiple of "
+            f"ppo.minibatch_size = {p.minibatch_size}")
+    if p.critic not in ac.CRITICS:
+        raise common.StageError(f"ppo.critic={p.critic!r}; valid: {ac.CRITICS}")
+    return batch, batch // int(p.minibatch_size)
+
+
+def make_tx(config: Any, total_updates: int) -> optax.GradientTransformation:
+    """AdamW for the policy (+ value head); a separate critic gets its own learning rate."""
+    opt = optim.OptimConfig.from_train_config({**config.train.to_dict(), "steps": total_updates})
+    actor_tx = optim.make_optimizer(opt)
+    if config.ppo.critic == "shared":
+        return actor_tx
+    critic_opt = optim.OptimConfig.from_train_config(
+        {**config.train.to_dict(), "steps": total_updates,
+         "learning_rate": float(config.ppo.critic_learning_rate)})
+    return optax.multi_transform({"actor": actor_tx, "critic": optim.make_optimizer(critic_opt)},
+                                 lambda params: {name: name for name in params})
+
+
+def load_reward_model(reward_dir: str, config: Any, mesh):
+    """(RewardModel, params placed on mesh, score stats) of a finished reward stage."""
+    info = common.read_run_info(reward_dir)
+    if info.get("stage") != "reward":
+        raise common.StageError(f"ppo.reward_from={reward_dir!r} is a {info.get('stage')!r} "
+                                "stage, not a reward stage")
+    rm = RewardModel(common.model_config_from(info, config))
+    abstract, shardings = common.logical_shardings(
+        lambda rng: rm.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
+    params = ckpt_lib.load_params(reward_dir, ckpt_lib.abstract_with_shardings(abstract, shardings))
+    stats_path = os.path.join(reward_dir, reward.REWARD_STATS)
+    if not os.path.exists(stats_path):
+        raise common.StageError(f"{stats_path} is missing: the reward stage did not finish")
+    with open(stats_path, encoding="utf-8") as f:
+        stats = json.load(f)
+    return rm, params, stats
+
+
+def cast_frozen(params, dtype: str):
+    """Frozen models may be stored in bf16 (no optimiser state, half the memory)."""
+    return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+
+
+def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
+                   max_turns: int) -> dict[str, np.ndarray]:
+    """One prompt -> left-padded {"tokens" int32 [P], "mask" int32 [P]}."""
+    ids = formats.encode_prompt(prompt, tokenizer, template, max_length=max_prompt_len,
+                                max_turns=max_turns)
+    tokens, mask = pipeline.left_pad([ids], tokenizer.pad_id, max_prompt_len)
+    return {"tokens": tokens[0], "mask": mask[0]}
+
+
+# ------------------------------------------------------------------------------ the stage
+
+def run(config: Any, workdir: str) -> dict:
+    """Runs (or resumes, or skips if finished) PPO in `workdir`; returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = common.is_main_process()
+    _, policy_cfg, tokenizer = common.init_from_stage(config, workdir, ("sft",))
+    if not config.ppo.reward_from:
+        raise common.StageError("config.ppo.reward_from is empty: point it at a finished "
+                                "reward stage directory")
+    rollout_batch, minibatches = check_sizes(config)
+    iterations = int(config.train.steps)
+    epochs = int(config.ppo.epochs)
+    mesh = common.build_mesh(config)
+    hp = hyper(config)
+    template = sft.chat_template(config)
+
+    # -- models: policy (+ value), frozen reference, frozen reward model
+    rm, rm_params, rm_stats = load_reward_model(config.ppo.reward_from, config, mesh)
+    model = ac.make_actor_critic(str(config.ppo.critic), policy_cfg, rm.cfg)
+    ref_model = Transformer(policy_cfg)
+    sft_params = common.load_transformer_params(config.init_from, policy_cfg, mesh)
+    ref_params = cast_frozen(sft_params, str(config.ppo.frozen_dtype))
+    rm_params = cast_frozen(rm_params, str(config.ppo.frozen_dtype))
+    gain = 1.0 / max(rm_stats["std"], 1e-6)
+    bias = -rm_stats["mean"] * gain
+
+    def init_boxed(rng):
+        return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+    def initial_params():
+        if config.ppo.critic == "shared":  # zero-initialised value head (OpenAI)
+            head = ScalarHead(0.0).init(jax.random.key(0), jnp.zeros((1, 1, policy_cfg.embed_dim)))
+            return {"trunk": sft_params, "value_head": nn.meta.unbox(head["params"])}
+        return {"actor": sft_params, "critic": cast_frozen(rm_params, "float32")}
+
+    tx = make_tx(config, iterations * epochs * minibatches)
+    abstract, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
+
+    # -- data: prompts (and pretraining text for PPO-ptx)
+    if config.data.path:
+        train_paths = jsonl.resolve_paths(config.data.path)
+        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
+    else:
+        paths = sft.demo_task_paths(config, workdir)
+        train_paths, eval_paths = [paths["prompts_train"]], [paths["prompts_eval"]]
+    prompt_sources = dialogue_sources.build_prompt_source(
+        train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
+        eval_percent=int(config.data.eval_percent))
+    to_example = functools.partial(prompt_example, tokenizer=tokenizer, template=template,
+                                   max_prompt_len=hp.prompt_len,
+                                   max_turns=int(config.chat.max_turns))
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    prompt_batches = pipeline.make_example_batches(
+        prompt_sources["train"], to_example,
+        batch_size=int(config.ppo.prompts_per_iteration) // jax.process_count(),
+        seed=int(config.seed), pad_example=None, **shard)
+    ptx_batches = _ptx_batches(config, workdir, tokenizer, shard) if hp.ptx_coef > 0 else None
+    heldout = sft.heldout_prompts(config, workdir)
+
+    # -- state: resume, or start from SFT
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=int(config.train.keep_checkpoints),
+                                         async_save=bool(config.train.async_checkpoint))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    kl_cfg = kl_lib.KLControllerConfig(kind=str(config.ppo.kl_controller),
+                                       init_coef=float(config.ppo.init_kl_coef),
+                                       target=float(config.ppo.kl_target),
+                                       horizon=float(config.ppo.kl_horizon))
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    if restored is not None:
+        state, meta, start = restored
+        if meta.get("finished") and start >= iterations:
+            if is_main:
+                print(f"[ppo] already finished at iteration {start} ({workdir}); nothing to do",
+                      flush=True)
+            checkpointer.close()
+            return {}
+        prompt_batches.set_state(meta["prompt_state"])
+        if ptx_batches is not None:
+            ptx_batches.set_state(meta["ptx_state"])
+        kl_state = kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
+        writer.truncate_after(start)
+        if is_main:
+            print(f"[ppo] resuming from iteration {start}", flush=True)
+    else:
+        state = state_lib.create_state(init_boxed, tx, shardings, int(config.seed), initial_params())
+        kl_state = kl_lib.init_controller(kl_cfg)
+        start = 0
+    common.write_run_info(workdir, "ppo", policy_cfg,
+                          {"reward_from": os.path.abspath(config.ppo.reward_from)})
+
+    # -- jitted phases
+    policy_forward = exp_lib.make_policy_forward(model, hp)
+    reference_forward = exp_lib.make_reference_forward(ref_model, hp)
+    reward_forward = exp_lib.make_reward_forward(rm, hp)
+    advantages_fn = exp_lib.make_advantages(hp)
+    ptx_loss = lm_loss_fn(ref_model) if ptx_batches is not None else None
+    update = exp_lib.make_update(model, tx, hp, ptx_loss)
+    policy_model = Transformer(policy_cfg)
+
+    def evaluate(iteration):
+        if not heldout:
+            return {}
+        result = true_score_lib.evaluate(
+            ac.policy_params(state.params), iteration, model=policy_model, tokenizer=tokenizer,
+            template=template, prompts=heldout, eval_cfg=config.eval,
+            max_turns=int(config.chat.max_turns), seed=int(config.seed))
+        writer.write(iteration, "eval", result)
+        if is_main:
+            print(f"[ppo] eval @ {iteration}: true_score {result['true_score']:.3f} "
+                  f"(sampled {result['true_score_sampled']:.3f}, eos {result['eos_rate']:.2f})",
+                  flush=True)
+        return result
+
+    if start == 0:
+        evaluate(0)
+    rng = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
+    progress = metrics_lib.Progress(iterations, start, enabled=is_main, stage="ppo")
+    last, done = {}, start
+    with _SigtermFlag() as sigterm, mesh_lib.activate(mesh):
+        for iteration in range(start, iterations):
+            it_rng = jax.random.fold_in(rng, iteration)
+            gen_rng, shuffle_rng = jax.random.split(it_rng)
+            timings = {}
+
+            # -- phase: rollout
+            t0 = time.perf_counter()
+            prompts = next(prompt_batches)
+            out = rollout.generate(
+                ref_model, ac.policy_params(state.params), prompts["tokens"], prompts["mask"],
+                gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
+                temperature=hp.temperature, top_k=int(config.ppo.top_k),
+                top_p=float(config.ppo.top_p), greedy=False, eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id, num_samples=int(config.ppo.num_samples))
+            jax.block_until_ready(out.tokens)
+            timings["time_generation"] = time.perf_counter() - t0
+
+            # -- phase: old log-probs and values (policy), reference, reward
+            t0 = time.perf_counter()
+            old_logprobs, old_values, entropy = jax.block_until_ready(
+                policy_forward(state.params, out.tokens, out.mask))
+            timings["time_policy_forward"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ref_logprobs = jax.block_until_ready(reference_forward(ref_params, out.tokens, out.mask))
+            timings["time_reference"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            raw_scores = jax.block_until_ready(reward_forward(rm_params, out.tokens, out.mask))
+            timings["time_reward"] = time.perf_counter() - t0
+
+            # -- phase: advantages (once per rollout batch)
+            experience, exp_stats = advantages_fn(
+                out.tokens, out.mask, out.response_mask, out.ended, old_logprobs, old_values,
+                ref_logprobs, raw_scores, kl_state.kl_coef, gain, bias)
+
+            # -- phase: E epochs x M minibatches over the frozen buffer
+            t0 = time.perf_counter()
+            update_stats = []
+            for epoch in range(epochs):
+                order = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), rollout_batch)
+                for m in range(minibatches):
+                    index = order[m * hp.chunk:(m + 1) * hp.chunk]
+                    ptx_batch = next(ptx_batches) if ptx_batches is not None else None
+                    state, stats = update(state, exp_lib.take(experience, index), ptx_batch)
+                    update_stats.append(stats)
+            update_stats = jax.device_get(update_stats)
+            timings["time_training"] = time.perf_counter() - t0
+
+            # -- phase: KL controller, metrics, eval, checkpoint
+            exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
+            kl_coef_used = kl_state.kl_coef
+            kl_state = kl_lib.update_controller(kl_cfg, kl_state, jnp.float32(exp_stats["kl"]),
+                                                rollout_batch)
+            response_mask = np.asarray(jax.device_get(out.response_mask))
+            row = {**exp_stats, **timings,
+                   **{k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]},
+                   "kl_coef": float(jax.device_get(kl_coef_used)),  # beta of this iteration
+                   "entropy_rollout": float(np.sum(np.asarray(entropy) * response_mask)
+                                            / max(response_mask.sum(), 1)),
+                   "response_length": float(response_mask.sum(axis=1).mean()),
+                   "eos_rate": float(np.mean(np.asarray(out.ended))),
+                   "rollout_tokens_per_sec": float(response_mask.sum()) / max(timings["time_generation"], 1e-9),
+                   "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
+            done = iteration + 1
+            writer.write(done, "train", row)
+            progress.report(done, {"loss": row["loss"], **{k: row[k] for k in ("score", "kl")}})
+            last = row
+            if done % int(config.train.eval_every) == 0 or done == iterations:
+                last = {**last, **evaluate(done)}
+            finished = done == iterations
+            if finished or done % int(config.train.checkpoint_every) == 0 or sigterm.received:
+                meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
+                        "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
+                        "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None}
+                checkpointer.save(done, state, meta)
+            if sigterm.received and not finished:
+                if is_main:
+                    print(f"[ppo] SIGTERM: saved iteration {done}, exiting", flush=True)
+                break
+    checkpointer.close()
+    writer.close()
+    if done == iterations:
+        ckpt_lib.export_params(workdir, ac.policy_params(state.params))
+    return last
+
+
+def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):
+    """Packed pretraining batches for the PPO-ptx term."""
+    if config.ppo.ptx_data_path:
+        train = jsonl.resolve_paths(config.ppo.ptx_data_path)
+    else:
+        train = [pretrain.demo.write_demo_corpus(os.path.join(workdir, "data", "demo"),
+                                                 seed=int(config.data.demo_seed))["train"]]
+    source = tfds_builders.build_text_source(train, None, os.path.join(workdir, "data", "tfds"))
+    return pipeline.make_lm_batches(source["train"], tokenizer, seq_len=int(config.data.seq_len),
+                                    batch_size=int(config.ppo.ptx_batch_size), seed=int(config.seed),
+                                    **shard)
