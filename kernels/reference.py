@@ -115,3 +115,98 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
     out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v.dtype), v,
                            preferred_element_type=jnp.float32)
     return out_BTKGD.reshape(B, T, H, D).astype(q.dtype)
+
+
+def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
+    """Attention of T new queries over a key/value cache: the decoding path's semantics.
+
+    The queries sit at cache slots q_offset .. q_offset + T - 1 (their own keys are already
+    written there). Query t of row b sees slot s when kv_mask[b, s] is set and
+    s <= q_offset + t: causal order by slot, padding slots (left padding of a prompt) and
+    unwritten slots hidden by the mask. The pallas decode kernel (kernels/decode_attention.py)
+    covers the special case T == 1 with a prefix mask.
+
+    Args:
+        q: [B, T, H, D] queries, any float dtype.
+        k_cache: [B, S, K, D] keys of every slot, same dtype as q; H a multiple of K, with the
+            same head grouping as `attention`.
+        v_cache: [B, S, K, D] values.
+        kv_mask: bool or int [B, S], nonzero where the slot holds a real token.
+        q_offset: int scalar (may be traced), the slot of query 0, the same for all rows.
+        sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
+
+    Returns:
+        [B, T, H, D] in q.dtype. A query with no visible slot (a padding query whose earlier
+        slots are all padding) gets exactly 0, as in `attention`.
+    """
+    B, T, H, D = q.shape
+    S, K = k_cache.shape[1], k_cache.shape[2]
+    if H % K != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
+    if k_cache.shape != (B, S, K, D) or v_cache.shape != (B, S, K, D):
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be "
+                         f"[B, S, K, D] with B={B}, D={D}")
+    if kv_mask.shape != (B, S):
+        raise ValueError(f"kv_mask {kv_mask.shape} must be [B, S] = [{B}, {S}]")
+    G = H // K
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+
+    slot_q_T = q_offset + jnp.arange(T)
+    causal_TS = jnp.arange(S)[None, :] <= slot_q_T[:, None]
+    mask_B11TS = ((kv_mask != 0)[:, None, :] & causal_TS[None, :, :])[:, None, None, :, :]
+
+    q_BTKGD = q.reshape(B, T, K, G, D)
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_cache,
+                              preferred_element_type=jnp.float32) * sm_scale
+    # Same masked softmax as `attention`: a finite fill keeps empty rows NaN-free, and their
+    # zero row sum is replaced by 1 so they come out as exact zeros.
+    fill = jnp.finfo(jnp.float32).min
+    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, fill)
+    row_max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+    weights_BKGTS = jnp.where(mask_B11TS, jnp.exp(scores_BKGTS - row_max_BKGT1), 0.0)
+    denom_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
+    probs_BKGTS = weights_BKGTS / jnp.where(denom_BKGT1 == 0.0, 1.0, denom_BKGT1)
+
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v_cache.dtype), v_cache,
+                           preferred_element_type=jnp.float32)
+    return out_BTKGD.reshape(B, T, H, D).astype(q.dtype)
+
+
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
+    """One new query token per sequence against a KV cache, in plain jnp.
+
+    The oracle of kernels/decode_attention.py. Scores, softmax and the weighted sum of values
+    are all float32.
+
+    Args:
+        q: [B, H, D] the new token's queries.
+        k_cache, v_cache: [B, L, K, D] cached keys and values; H a multiple of K, query head
+            h reads kv head h // (H // K).
+        lengths: int [B], valid cache entries per sequence: query b sees positions
+            0 .. lengths[b] - 1 (values outside [0, L] are clamped).
+        sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
+
+    Returns:
+        [B, H, D] in q.dtype; 0 for a sequence of length 0.
+    """
+    B, H, D = q.shape
+    L, K = k_cache.shape[1], k_cache.shape[2]
+    if H % K != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
+    G = H // K
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    q_BKGD = q.reshape(B, K, G, D).astype(jnp.float32)
+    scores_BKGL = jnp.einsum("bkgd,blkd->bkgl", q_BKGD, k_cache.astype(jnp.float32)) * sm_scale
+    visible_BL = jnp.arange(L)[None, :] < jnp.clip(lengths, 0, L)[:, None]
+    visible_B111L = visible_BL[:, None, None, :]
+    # Finite fill and an explicit zero of the weights, as in `attention`: a sequence of
+    # length 0 gets an all-zero row instead of 0/0.
+    scores_BKGL = jnp.where(visible_B111L, scores_BKGL, jnp.finfo(jnp.float32).min)
+    row_max_BKG1 = jnp.max(scores_BKGL, axis=-1, keepdims=True)
+    weights_BKGL = jnp.where(visible_B111L, jnp.exp(scores_BKGL - row_max_BKG1), 0.0)
+    denom_BKG1 = jnp.sum(weights_BKGL, axis=-1, keepdims=True)
+    probs_BKGL = weights_BKGL / jnp.where(denom_BKG1 == 0.0, 1.0, denom_BKG1)
+    out_BKGD = jnp.einsum("bkgl,blkd->bkgd", probs_BKGL, v_cache.astype(jnp.float32))
+    return out_BKGD.reshape(B, H, D).astype(q.dtype)

@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from instructjax.model.cache import init_cache
+# The one definition of left-padding positions (cumsum(mask) - 1, clipped at 0), shared with
+# the reward model's scoring so sampling, log-probs and scores all see the same positions.
+from instructjax.rlhf.scoring import positions_from_mask
 
 
 @flax.struct.dataclass
@@ -50,18 +53,6 @@ class Rollout:
     logprobs: jax.Array
     ended: jax.Array
     response_length: jax.Array
-
-
-def positions_from_mask(mask):
-    """RoPE positions of left-padded rows: cumsum(mask) - 1, clipped at 0 on the padding.
-
-    Args:
-        mask: int or bool [B, S], 1 on real tokens.
-
-    Returns:
-        int32 [B, S]: the i-th real token of a row gets position i; padding gets 0.
-    """
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -203,7 +194,8 @@ def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
     Compiled once per (model, shapes, static options); callable inside another jit.
 
     Args:
-        model: a Transformer (model/transformer.py); static (it is hashable).
+        model: a Transformer (model/transformer.py), or any module with its decoding call
+            (cache, cache_index, kv_mask -> (logits, cache)) and a `cfg`; static (hashable).
         params: its params.
         prompt_tokens: int32 [B, P], left-padded with pad_id; each row needs at least one
             real token (e.g. BOS), and P + max_new_tokens <= model.cfg.max_seq_len.
