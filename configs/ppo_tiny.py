@@ -15,10 +15,10 @@ def get_config():
     config = base.get_base("ppo", model="tiny")
     config.init_from = "/tmp/ijx/sft"
     config.ppo.reward_from = "/tmp/ijx/reward"
-    config.ppo.update(dict(prompts_per_iteration=64, minibatch_size=16, epochs=4,
+    config.ppo.update(dict(prompts_per_iteration=32, minibatch_size=16, epochs=4,
                            max_prompt_len=64, max_new_tokens=16))
     config.eval.update(dict(max_prompt_len=64, max_new_tokens=16))
-    config.train.update(dict(steps=40, learning_rate=1e-4, warmup_steps=0, decay="constant",
+    config.train.update(dict(steps=30, learning_rate=1e-4, warmup_steps=0, decay="constant",
                              weight_decay=0.0, b2=0.999, eps=1e-5, eval_every=10,
                              checkpoint_every=10, log_every=1))
     return config

@@ -13,8 +13,8 @@ from configs import base
 def get_config():
     config = base.get_base("reward", model="tiny")
     config.init_from = "/tmp/ijx/sft"
-    config.data.seq_len = 64
+    config.data.seq_len = 48
     config.train.update(dict(
-        steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20, weight_decay=0.0,
+        steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
         eval_every=100, eval_batches=13, log_every=20, checkpoint_every=100))
     return config

@@ -15,6 +15,6 @@ def get_config():
     config.init_from = "/tmp/ijx/pretrain"
     config.data.seq_len = 128
     config.train.update(dict(
-        steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
+        steps=200, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
         eval_every=100, eval_batches=4, log_every=20, checkpoint_every=100))
     return config

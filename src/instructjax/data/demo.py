@@ -52,7 +52,7 @@ _PEOPLE = (
     ("王芳", "Wang Fang", "杭州", "Hangzhou"),
     ("张伟", "Zhang Wei", "西安", "Xi'an"),
 )
-_MAX_OPERAND = 20
+_MAX_OPERAND = 9  # small enough for a ~1M-parameter model to learn every fact
 
 
 # ---------------------------------------------------------------------------- arithmetic

@@ -102,6 +102,19 @@ def cast_frozen(params, dtype: str):
     return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
 
 
+def frozen_checksums(ref_params, rm_params) -> tuple[float, float]:
+    """(reference, reward model) parameter checksums: sum of x and of x^2 over all leaves.
+
+    Compared before and after PPO; any write into a frozen model changes them.
+    """
+    def checksum(tree):
+        leaves = jax.tree.leaves(tree)
+        total = sum(jnp.sum(x.astype(jnp.float32)) + jnp.sum(jnp.square(x.astype(jnp.float32)))
+                    for x in leaves)
+        return float(jax.device_get(total))
+    return checksum(ref_params), checksum(rm_params)
+
+
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
                    max_turns: int) -> dict[str, np.ndarray]:
     """One prompt -> left-padded {"tokens" int32 [P], "mask" int32 [P]}."""
@@ -208,9 +221,10 @@ def run(config: Any, workdir: str) -> dict:
     reference_forward = exp_lib.make_reference_forward(ref_model, hp)
     reward_forward = exp_lib.make_reward_forward(rm, hp)
     advantages_fn = exp_lib.make_advantages(hp)
-    ptx_loss = lm_loss_fn(ref_model) if ptx_batches is not None else None
+    policy_model = Transformer(policy_cfg)  # the policy's trunk alone, for sampling
+    ptx_loss = lm_loss_fn(policy_model) if ptx_batches is not None else None
     update = exp_lib.make_update(model, tx, hp, ptx_loss)
-    policy_model = Transformer(policy_cfg)
+    frozen_before = frozen_checksums(ref_params, rm_params)
 
     def evaluate(iteration):
         if not heldout:
@@ -241,7 +255,7 @@ def run(config: Any, workdir: str) -> dict:
             t0 = time.perf_counter()
             prompts = next(prompt_batches)
             out = rollout.generate(
-                ref_model, ac.policy_params(state.params), prompts["tokens"], prompts["mask"],
+                policy_model, ac.policy_params(state.params), prompts["tokens"], prompts["mask"],
                 gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
                 temperature=hp.temperature, top_k=int(config.ppo.top_k),
                 top_p=float(config.ppo.top_p), greedy=False, eos_id=tokenizer.eos_id,
@@ -312,9 +326,12 @@ def run(config: Any, workdir: str) -> dict:
                 break
     checkpointer.close()
     writer.close()
+    frozen_after = frozen_checksums(ref_params, rm_params)
+    if frozen_after != frozen_before:  # e.g. a donated or aliased buffer: never silently
+        raise RuntimeError(f"frozen models changed during PPO: {frozen_before} -> {frozen_after}")
     if done == iterations:
         ckpt_lib.export_params(workdir, ac.policy_params(state.params))
-    return last
+    return {**last, "frozen_checksums": frozen_after}
 
 
 def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):
