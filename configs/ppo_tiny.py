@@ -15,9 +15,12 @@ def get_config():
     config = base.get_base("ppo", model="tiny")
     config.init_from = "/tmp/ijx/sft"
     config.ppo.reward_from = "/tmp/ijx/reward"
-    config.ppo.update(dict(prompts_per_iteration=32, minibatch_size=16, epochs=4,
-                           max_prompt_len=64, max_new_tokens=16))
-    config.eval.update(dict(max_prompt_len=64, max_new_tokens=16))
+    # 16 prompts x 4 samples: several answers per prompt give the advantages a contrast the
+    # value head alone cannot; temperature 1.0 (OpenRLHF / verl) because the tiny SFT policy
+    # at 0.7 almost always repeats one answer per prompt.
+    config.ppo.update(dict(prompts_per_iteration=16, num_samples=4, minibatch_size=16,
+                           epochs=4, max_prompt_len=64, max_new_tokens=16, temperature=1.0))
+    config.eval.update(dict(max_prompt_len=64, max_new_tokens=16, temperature=1.0))
     config.train.update(dict(steps=30, learning_rate=1e-4, warmup_steps=0, decay="constant",
                              weight_decay=0.0, b2=0.999, eps=1e-5, eval_every=10,
                              checkpoint_every=10, log_every=1))

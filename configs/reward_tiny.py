@@ -15,6 +15,8 @@ def get_config():
     config.init_from = "/tmp/ijx/sft"
     config.data.seq_len = 48
     config.train.update(dict(
-        steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
-        eval_every=100, eval_batches=13, log_every=20, checkpoint_every=100))
+        steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
+        eval_every=200, eval_batches=13, log_every=20, checkpoint_every=200))
+    # reward statistics from SFT samples at the PPO sampling temperature (configs/ppo_tiny.py)
+    config.eval.temperature = 1.0
     return config

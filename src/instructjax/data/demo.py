@@ -413,8 +413,11 @@ def _comparison_record(rng: random.Random, heldout) -> dict:
     lang = _lang(rng)
     pairs = _history(rng, heldout, lang, _correct_answer)
     p = _problem(rng, heldout, False)
-    errors = rng.sample(_COMPARISON_ERRORS, 3) + [0 if rng.random() < 0.7 else
-                                                 rng.choice((7, 9, 12))]
+    # Off-by-1 and off-by-2 answers are in every comparison: they are the mistakes the SFT
+    # policy makes (like its demonstrations), so the reward model must separate them from
+    # the correct answer for PPO to learn anything (InstructGPT ranks the policy's own samples).
+    errors = [1, 2, rng.choice(_COMPARISON_ERRORS[2:])] + [0 if rng.random() < 0.7 else
+                                                          rng.choice((7, 9, 12))]
     responses = []
     for e in errors:
         value = p.answer + rng.choice((-e, e))
