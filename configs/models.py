@@ -14,7 +14,7 @@ _COMMON = dict(
 )
 
 PRESETS = {
-    # ~0.6M params with vocab 1024: CPU-minutes experiments and tests.
+    # ~0.92M params with vocab 1024: CPU-minutes experiments and tests.
     "tiny": dict(vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=32, mlp_dim=384, max_seq_len=256, tie_embeddings=True,
                  dtype="float32", remat_policy="none"),

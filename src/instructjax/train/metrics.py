@@ -102,7 +102,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step)
         parts = [f"[{self.stage}] step {step}/{self.total}"]
-        for name in ("loss", "accuracy", "grad_norm", "lr"):
+        for name in ("loss", "accuracy", "score", "kl", "grad_norm", "lr"):
             if name in metrics:
                 parts.append(f"{name} {float(metrics[name]):.4g}")
         if "steps_per_sec" in metrics:
