@@ -1,7 +1,6 @@
 """Invariants of the model: config checks, sizes, logical axes, causality, packing, RoPE,
 scan vs loop, remat, mixed precision and the attention dispatch."""
 import functools
-import importlib.util
 
 import chex
 import flax.linen as nn
@@ -319,14 +318,6 @@ def test_cudnn_path_masking_matches_reference():
                                    **SAME_MATH_TOL)
     padded = cudnn_path(q, k, v, segment_ids=segment_ids)
     assert np.all(np.asarray(padded)[0, 13:] == 0.0)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("instructjax.kernels.flash_attention") is not None,
-                    reason="the Pallas kernel exists; its own tests cover it")
-def test_pallas_without_kernel_raises_a_clear_error():
-    cfg = BASE.replace(attention_impl="pallas")
-    with pytest.raises(NotImplementedError, match="flash_attention"):
-        jax.eval_shape(lambda: tm.init_params(cfg, jax.random.key(0)))
 
 
 def test_logical_constraints_apply_under_a_mesh():
