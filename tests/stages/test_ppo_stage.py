@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

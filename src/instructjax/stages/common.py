@@ -147,3 +147,24 @@ def init_from_stage(config: Any, workdir: str, expected: tuple[str, ...]):
     if is_main_process() and not os.path.exists(local):
         shutil.copyfile(tokenizer_path, local)
     return info, model_config_from(info, config), tokenizer
+
+
+def demo_task_paths(config: Any, workdir: str) -> dict[str, str]:
+    """Writes (once, deterministically) the demo dialogue task; returns its file paths."""
+    from instructjax.data import demo
+    return demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
+                                seed=int(config.data.demo_seed))
+
+
+def stage_data_paths(config: Any, workdir: str, demo_train: str, demo_eval: str
+                     ) -> tuple[list[str], list[str] | None]:
+    """(train paths, eval paths or None) of `config.data`; the demo task's files when empty.
+
+    With data.path but no data.eval_path the builders hold out data.eval_percent instead.
+    """
+    from instructjax.data import jsonl
+    if config.data.path:
+        train = jsonl.resolve_paths(config.data.path)
+        return train, jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
+    paths = demo_task_paths(config, workdir)
+    return [paths[demo_train]], [paths[demo_eval]]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instructjax.data import dialogue_sources, formats, jsonl, pipeline, tfds_builders
+from instructjax.data import demo, dialogue_sources, formats, jsonl, pipeline, tfds_builders
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead
 from instructjax.parallel import mesh as mesh_lib
@@ -30,7 +30,7 @@ from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import experience as exp_lib
 from instructjax.rlhf import kl as kl_lib
 from instructjax.rlhf import rollout
-from instructjax.stages import common, pretrain, reward, sft
+from instructjax.stages import common, reward, sft
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import optim, state as state_lib
@@ -164,12 +164,8 @@ def run(config: Any, workdir: str) -> dict:
     abstract, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
 
     # -- data: prompts (and pretraining text for PPO-ptx)
-    if config.data.path:
-        train_paths = jsonl.resolve_paths(config.data.path)
-        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
-    else:
-        paths = sft.demo_task_paths(config, workdir)
-        train_paths, eval_paths = [paths["prompts_train"]], [paths["prompts_eval"]]
+    train_paths, eval_paths = common.stage_data_paths(config, workdir, "prompts_train",
+                                                      "prompts_eval")
     prompt_sources = dialogue_sources.build_prompt_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
         eval_percent=int(config.data.eval_percent))
@@ -339,7 +335,7 @@ def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):
     if config.ppo.ptx_data_path:
         train = jsonl.resolve_paths(config.ppo.ptx_data_path)
     else:
-        train = [pretrain.demo.write_demo_corpus(os.path.join(workdir, "data", "demo"),
+        train = [demo.write_demo_corpus(os.path.join(workdir, "data", "demo"),
                                                  seed=int(config.data.demo_seed))["train"]]
     source = tfds_builders.build_text_source(train, None, os.path.join(workdir, "data", "tfds"))
     return pipeline.make_lm_batches(source["train"], tokenizer, seq_len=int(config.data.seq_len),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.data import dialogue_sources, formats, jsonl, pipeline
+from instructjax.data import dialogue_sources, formats, pipeline
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead, reward_head_std
 from instructjax.model.transformer import Transformer
@@ -104,8 +104,8 @@ def _stat_prompts(config: Any, workdir: str) -> list[formats.Prompt]:
         # user comparison data: their contexts are the prompts the policy will see
         records, _ = dialogue_sources.read_records(config.data.path, "comparison")
         return [formats.Prompt(r.context) for r in records[:count]]
-    records, _ = dialogue_sources.read_records(sft.demo_task_paths(config, workdir)["prompts_train"],
-                                               "prompt")
+    prompts_path = common.demo_task_paths(config, workdir)["prompts_train"]
+    records, _ = dialogue_sources.read_records(prompts_path, "prompt")
     return records[:count]
 
 
@@ -117,12 +117,8 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     rm = RewardModel(model_cfg)
     template = sft.chat_template(config)
 
-    if config.data.path:
-        train_paths = jsonl.resolve_paths(config.data.path)
-        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
-    else:
-        paths = sft.demo_task_paths(config, workdir)
-        train_paths, eval_paths = [paths["comparisons_train"]], [paths["comparisons_eval"]]
+    train_paths, eval_paths = common.stage_data_paths(config, workdir, "comparisons_train",
+                                                      "comparisons_eval")
     sources = dialogue_sources.build_comparison_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
         eval_percent=int(config.data.eval_percent))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.data import demo, dialogue_sources, formats, jsonl, pipeline
+from instructjax.data import dialogue_sources, formats, pipeline
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.transformer import Transformer
 from instructjax.stages import common
@@ -26,12 +26,6 @@ from instructjax.train.losses import lm_loss_fn
 def chat_template(config: Any) -> formats.ChatTemplate:
     """The ChatTemplate of `config.chat`."""
     return formats.ChatTemplate(user=str(config.chat.user), assistant=str(config.chat.assistant))
-
-
-def demo_task_paths(config: Any, workdir: str) -> dict[str, str]:
-    """Writes (once, deterministically) the demo dialogue task; returns its file paths."""
-    return demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
-                                seed=int(config.data.demo_seed))
 
 
 def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: formats.ChatTemplate,
@@ -46,8 +40,8 @@ def heldout_prompts(config: Any, workdir: str) -> list[formats.Prompt] | None:
     """Held-out demo prompts for the true-score eval; None for user data (no true score)."""
     if config.data.path:
         return None
-    records, _ = dialogue_sources.read_records(demo_task_paths(config, workdir)["prompts_heldout"],
-                                               "prompt")
+    heldout_path = common.demo_task_paths(config, workdir)["prompts_heldout"]
+    records, _ = dialogue_sources.read_records(heldout_path, "prompt")
     return records[: int(config.eval.num_prompts)]
 
 
@@ -59,12 +53,7 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     model = Transformer(model_cfg)
     template = chat_template(config)
 
-    if config.data.path:
-        train_paths = jsonl.resolve_paths(config.data.path)
-        eval_paths = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
-    else:
-        paths = demo_task_paths(config, workdir)
-        train_paths, eval_paths = [paths["sft_train"]], [paths["sft_eval"]]
+    train_paths, eval_paths = common.stage_data_paths(config, workdir, "sft_train", "sft_eval")
     sources = dialogue_sources.build_sft_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
         eval_percent=int(config.data.eval_percent))
