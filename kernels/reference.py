@@ -97,24 +97,30 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
     if mask_BTS is None:
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
     else:
-        mask_B11TS = mask_BTS[:, None, None, :, :]
-        # A finite fill (not -inf) keeps fully masked rows NaN-free: their max is the fill
-        # itself, the where() below zeroes their weights, and the row sum is 0, not 0/0.
-        fill = jnp.finfo(jnp.float32).min
-        scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, fill)
-        # The max is only a shift that keeps exp() in range; the softmax does not depend on
-        # it, so stopping its gradient is exact and saves the backward pass an argmax.
-        row_max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
-        weights_BKGTS = jnp.where(mask_B11TS, jnp.exp(scores_BKGTS - row_max_BKGT1), 0.0)
-        denom_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
-        # Visible rows have denom >= 1 (the max term is exp(0) = 1); empty rows have 0.
-        probs_BKGTS = weights_BKGTS / jnp.where(denom_BKGT1 == 0.0, 1.0, denom_BKGT1)
+        probs_BKGTS = masked_softmax(scores_BKGTS, mask_BTS[:, None, None, :, :])
 
     # Probabilities go to v's dtype for the second matmul, as a flash kernel does, with a
     # float32 accumulator.
     out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v.dtype), v,
                            preferred_element_type=jnp.float32)
     return out_BTKGD.reshape(B, T, H, D).astype(q.dtype)
+
+
+def masked_softmax(scores, mask):
+    """Softmax over the last axis of float32 `scores` where `mask` (broadcastable) is set.
+
+    Rows with no visible entry come out as exact zeros with zero gradients, never NaN.
+    """
+    # A finite fill (not -inf) keeps fully masked rows NaN-free: their max is the fill
+    # itself, the where() below zeroes their weights, and the row sum is 0, not 0/0.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # The max is only a shift that keeps exp() in range; the softmax does not depend on it,
+    # so stopping its gradient is exact and saves the backward pass an argmax.
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    # Visible rows have denom >= 1 (the max term is exp(0) = 1); empty rows have 0.
+    return weights / jnp.where(denom == 0.0, 1.0, denom)
 
 
 def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
@@ -159,14 +165,7 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
     q_BTKGD = q.reshape(B, T, K, G, D)
     scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_cache,
                               preferred_element_type=jnp.float32) * sm_scale
-    # Same masked softmax as `attention`: a finite fill keeps empty rows NaN-free, and their
-    # zero row sum is replaced by 1 so they come out as exact zeros.
-    fill = jnp.finfo(jnp.float32).min
-    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, fill)
-    row_max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
-    weights_BKGTS = jnp.where(mask_B11TS, jnp.exp(scores_BKGTS - row_max_BKGT1), 0.0)
-    denom_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
-    probs_BKGTS = weights_BKGTS / jnp.where(denom_BKGT1 == 0.0, 1.0, denom_BKGT1)
+    probs_BKGTS = masked_softmax(scores_BKGTS, mask_B11TS)
 
     out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS.astype(v_cache.dtype), v_cache,
                            preferred_element_type=jnp.float32)
