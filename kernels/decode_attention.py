@@ -81,12 +81,13 @@ def _target_programs(target):
     return 1
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_kv,
-                   blocks_per_split):
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, sm_scale,
+                   block_kv, blocks_per_split):
     """One (b, kv head, split) program.
 
     Refs: lengths int32 [B] (whole); q [Gp, D]; k / v [L, D] (the whole cache row of this kv
-        head: a split reads only its own visible blocks); outputs o [Gp, D] float32
+        head: a split reads only its own visible blocks); mask int32 [1, L] (this row's
+        kv_mask, a row vector so that a block of it needs no reshape); outputs o [Gp, D] float32
         (normalised within the split) and lse [Gp, 1] float32 (-inf if the split saw nothing).
     """
     b, s = pl.program_id(0), pl.program_id(2)
@@ -101,7 +102,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
         start = pl.multiple_of(j * bk, bk)
         # Visibility as a column (for the value rows) and as a row (for the scores).
         visible_col = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < length
-        visible_row = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length
+        visible_row = ((start + lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length)
+                       & (mask_ref[:, pl.ds(start, bk)] != 0))
         k = k_ref[pl.ds(start, bk), :]
         # Entries past the length may hold anything (stale or uninitialised slots): zero the
         # values too, since a masked weight of 0 times a NaN would still poison the sum.
@@ -137,8 +139,8 @@ def _combine(o_BKNGD, lse_BKNG1):
     return out_BKGD / jnp.where(denom_BKG1 > 0.0, denom_BKG1, 1.0)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=None,
-                     block_kv=None, interpret=False, _target=None):
+def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=None,
+                     num_splits=None, block_kv=None, interpret=False, _target=None):
     """Attention of one new token per sequence over its cache (split-K flash-decoding).
 
     Forward only (decoding is not differentiated).
@@ -148,6 +150,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
         k_cache, v_cache: [B, L, K, D] caches, same dtype as q; H a multiple of K, query head
             h reads kv head h // (H // K).
         lengths: int [B], number of valid cache entries per sequence (clamped to [0, L]).
+        kv_mask: optional int or bool [B, L]; 0 hides a position below the length as well
+            (the left padding of a batch of prompts in the rollout cache). Masked positions
+            are still read: the kernel skips only whole blocks past the length.
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
         num_splits: splits along the cache; default from `default_num_splits` (module doc).
         block_kv: cache rows per loop step (a power of two >= 16 on GPU); default by backend.
@@ -157,7 +162,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
             checks); not for normal use.
 
     Returns:
-        [B, H, D] in q.dtype; zeros for sequences of length 0.
+        [B, H, D] in q.dtype; zeros for sequences that see no position.
     """
     B, H, D = q.shape
     L, K = k_cache.shape[1], k_cache.shape[2]
@@ -168,6 +173,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K})")
     if lengths.shape != (B,):
         raise ValueError(f"lengths {lengths.shape} must be [B] = [{B}]")
+    if kv_mask is not None and kv_mask.shape != (B, L):
+        raise ValueError(f"kv_mask {kv_mask.shape} must be [B, L] = [{B}, {L}]")
     if _target is None:
         backend = jax.default_backend()
         if backend == "cpu" and not interpret:
@@ -200,6 +207,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
         pad = ((0, 0), (0, L_pad - L), (0, 0), (0, 0))
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, L)
+    if kv_mask is None:
+        mask_B1L = jnp.ones((B, 1, L_pad), jnp.int32)
+    else:
+        mask_B1L = jnp.pad((kv_mask != 0).astype(jnp.int32), ((0, 0), (0, L_pad - L)))[:, None]
 
     if target == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -221,7 +232,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
         grid=(B, K, N),
         in_specs=[len_spec,
                   pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),
-                  kv_spec, kv_spec],
+                  kv_spec, kv_spec,
+                  pl.BlockSpec((None, 1, L_pad), lambda b, h, s: (b, 0, 0))],
         out_specs=[pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, Gp, 1), lambda b, h, s: (b, h, s, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, K, N, Gp, D), jnp.float32),
@@ -229,6 +241,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, num_splits=
         compiler_params=params,
         interpret=target == "interpret",
         name="decode_attention",
-    )(lengths, q_BKGD, k_cache, v_cache)
+    )(lengths, q_BKGD, k_cache, v_cache, mask_B1L)
     out_BKGD = _combine(o, lse)[:, :, :G]
     return out_BKGD.reshape(B, H, D).astype(q.dtype)

@@ -172,7 +172,7 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
     return out_BTKGD.reshape(B, T, H, D).astype(q.dtype)
 
 
-def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=None):
     """One new query token per sequence against a KV cache, in plain jnp.
 
     The oracle of kernels/decode_attention.py. Scores, softmax and the weighted sum of values
@@ -184,10 +184,12 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
             h reads kv head h // (H // K).
         lengths: int [B], valid cache entries per sequence: query b sees positions
             0 .. lengths[b] - 1 (values outside [0, L] are clamped).
+        kv_mask: optional int or bool [B, L]; where 0, a position below the length is hidden
+            too (the left padding of a batch of prompts).
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
 
     Returns:
-        [B, H, D] in q.dtype; 0 for a sequence of length 0.
+        [B, H, D] in q.dtype; 0 for a sequence that sees no position.
     """
     B, H, D = q.shape
     L, K = k_cache.shape[1], k_cache.shape[2]
@@ -199,6 +201,8 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
     q_BKGD = q.reshape(B, K, G, D).astype(jnp.float32)
     scores_BKGL = jnp.einsum("bkgd,blkd->bkgl", q_BKGD, k_cache.astype(jnp.float32)) * sm_scale
     visible_BL = jnp.arange(L)[None, :] < jnp.clip(lengths, 0, L)[:, None]
+    if kv_mask is not None:
+        visible_BL = visible_BL & (kv_mask != 0)
     visible_B111L = visible_BL[:, None, None, :]
     # Finite fill and an explicit zero of the weights, as in `attention`: a sequence of
     # length 0 gets an all-zero row instead of 0/0.

@@ -79,6 +79,39 @@ def test_matches_reference(G, D, L, block_kv, num_splits, dtype):
         np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(out))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kv_mask_hides_left_padding(num_splits):
+    """Left-padded rows (the rollout cache): positions with kv_mask 0 are invisible.
+
+    Checked against a float64 numpy softmax over exactly the visible positions of each row.
+    """
+    B, K, G, D, L = 5, 2, 2, 64, 100
+    H = G * K
+    starts = np.array([0, 3, 40, 99, 60])
+    lengths = np.array([100, 77, 41, 100, 60])     # the last row sees nothing
+    kq, kk, kv = jax.random.split(jax.random.key(7), 3)
+    q, k, v = normal(kq, (B, H, D)), normal(kk, (B, L, K, D)), normal(kv, (B, L, K, D))
+    kv_mask = np.arange(L)[None, :] >= starts[:, None]
+    out = da.decode_attention(q, k, v, jnp.asarray(lengths), kv_mask=jnp.asarray(kv_mask),
+                              num_splits=num_splits, block_kv=32, interpret=True)
+    ref = reference_fn(q, k, v, jnp.asarray(lengths), kv_mask=jnp.asarray(kv_mask))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    expected = np.zeros((B, H, D))
+    for b in range(B):
+        seen = slice(starts[b], lengths[b])
+        for h in range(H):
+            scores = kn[b, seen, h // G] @ qn[b, h] / np.sqrt(D)
+            if scores.size:
+                w = np.exp(scores - scores.max())
+                expected[b, h] = (w / w.sum()) @ vn[b, seen, h // G]
+    assert rel_err(ref, expected) <= F32_TOL
+    assert rel_err(out, expected) <= F32_TOL
+    assert (np.asarray(out[4]) == 0).all()
+    with pytest.raises(ValueError, match="kv_mask"):
+        da.decode_attention(q, k, v, jnp.asarray(lengths), kv_mask=jnp.ones((B, L - 1)),
+                            interpret=True)
+
+
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
                     reason="compiled kernels need a GPU or TPU (CPU runs the interpreter)")
 @pytest.mark.parametrize("num_splits", [None, 1, 5])

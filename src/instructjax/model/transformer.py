@@ -166,6 +166,29 @@ def pallas_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
                                   interpret=jax.default_backend() == "cpu")
 
 
+def pallas_decode_attention(q_B1HD, k_BSKD, v_BSKD, kv_mask_BS, cache_index):
+    """One decoding step through the Pallas decode kernel (interpret mode on CPU).
+
+    The token at slot `cache_index` sees the slots up to its own that kv_mask marks real:
+    the same visibility as `reference.cached_attention` with q_offset=cache_index.
+
+    Args:
+        q_B1HD: [B, 1, H, D] the new tokens' queries; k_BSKD, v_BSKD: [B, S, K, D] the
+            layer's cache with this step's keys and values written; kv_mask_BS: int [B, S];
+            cache_index: int32 scalar (may be traced).
+
+    Returns:
+        [B, 1, H, D] in q's dtype.
+    """
+    from instructjax.kernels import decode_attention as decode_lib
+    B = q_B1HD.shape[0]
+    lengths_B = jnp.full((B,), cache_index + 1, jnp.int32)
+    out_BHD = decode_lib.decode_attention(q_B1HD[:, 0], k_BSKD, v_BSKD, lengths_B,
+                                          kv_mask=kv_mask_BS,
+                                          interpret=jax.default_backend() == "cpu")
+    return out_BHD[:, None]
+
+
 # Attention functions by config name; all share reference.attention's signature.
 ATTENTION_FNS = {
     "xla": reference.attention,
@@ -212,11 +235,10 @@ class Attention(nn.Module):
 
     Decoding (`kv_cache` given): the chunk's keys and values go into a copy of this layer's
     cache slice at slots cache_index .. cache_index + T - 1, the queries attend over the
-    whole slice through kernels/reference.cached_attention (kv_mask and slot order decide
-    what each query sees), and the chunk itself is returned for the caller to store. The
-    cached path uses that reference for every attention_impl: the Pallas decode kernel
-    attends to a prefix of slots per row, which cannot hide the left padding of a batch of
-    prompts, so it is not wired in here.
+    whole slice (kv_mask and slot order decide what each query sees), and the chunk itself is
+    returned for the caller to store. Single-token steps with attention_impl="pallas" run the
+    Pallas decode kernel (kernels/decode_attention.py, kv_mask hiding the prompts' left
+    padding); prefill chunks and the other impls use kernels/reference.cached_attention.
     """
 
     cfg: ModelConfig
@@ -254,9 +276,13 @@ class Attention(nn.Module):
             merged = kv_cache.write(chunk, cache_index)
             k_BSKD = nn.with_logical_constraint(merged.k, LAYER_CACHE_AXES)
             v_BSKD = nn.with_logical_constraint(merged.v, LAYER_CACHE_AXES)
-            out_BTHD = reference.cached_attention(
-                q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
-                kv_mask=kv_mask_BS, q_offset=cache_index)
+            k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
+            if cfg.attention_impl == "pallas" and q_BTHD.shape[1] == 1:
+                out_BTHD = pallas_decode_attention(q_BTHD, k_BSKD, v_BSKD, kv_mask_BS,
+                                                   cache_index)
+            else:
+                out_BTHD = reference.cached_attention(q_BTHD, k_BSKD, v_BSKD,
+                                                      kv_mask=kv_mask_BS, q_offset=cache_index)
         out_BTHD = nn.with_logical_constraint(out_BTHD, _BTHD)
         out_BTE = Projection((cfg.embed_dim,), ("heads", "head_dim"), ("embed",), False,
                              name="out", **_dtypes(cfg))(out_BTHD)
