@@ -20,6 +20,14 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.distributed = ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address="", num_processes=1, process_id=0))
+    # The machine a config is sized for; read by the ahead-of-time check (config.dry_run).
+    c.hardware = ml_collections.ConfigDict(dict(
+        name="",                  # e.g. "64 x NVIDIA H200 SXM"
+        num_devices=0,            # devices of the target mesh; 0 = the devices present
+        memory_per_device_gb=0.0,  # usable memory per device, 1e9 bytes; 0 = no limit check
+        peak_tflops=0.0,          # dense bf16 peak per device; 0 = no step-time estimate
+        hbm_gbps=0.0,             # memory bandwidth per device, GB/s; 0 = compute bound only
+    ))
 
     c.model = models.get(model)
     c.tokenizer = ml_collections.ConfigDict(dict(

@@ -51,6 +51,10 @@ def main(argv):
     from instructjax.parallel.mesh import MeshConfigError
     try:
         check_config(config)
+        if config.dry_run:  # compile for the declared mesh instead of running the stage
+            from instructjax.stages import dry_run
+            dry_run.run(config, _WORKDIR.value)
+            return
         if config.distributed.enabled:
             import jax
             jax.distributed.initialize(
