@@ -12,6 +12,7 @@ loop), which already carries them.
 
 Letters: L layers, B batch, S cache slots, T new tokens per call, K kv heads, D head dim.
 """
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,23 @@ def init_cache(cfg, batch, max_len, dtype=None):
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def constrain(cache):
+    """The cache with its logical sharding (CACHE_AXES) imposed on k and v.
+
+    Inside `parallel.mesh.activate(mesh)` this pins the cache's layout -- rows over the
+    batch axes (data, fsdp), kv heads over the tensor axis -- so the prefill and every
+    decode step keep it in place; outside an active mesh it returns the cache unchanged.
+
+    Args:
+        cache: KVCache with k, v [L, B, S, K, D].
+
+    Returns:
+        The same KVCache values, sharding-constrained.
+    """
+    return KVCache(k=nn.with_logical_constraint(cache.k, CACHE_AXES),
+                   v=nn.with_logical_constraint(cache.v, CACHE_AXES))
 
 
 def logical_partition_specs():

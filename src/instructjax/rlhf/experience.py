@@ -8,7 +8,13 @@ Phases, each a jitted pure function (timed separately by the PPO stage):
   update           one clipped-PPO gradient step on a minibatch (+ optional PPO-ptx)
 Forward passes run in chunks of the minibatch size, so the update's forward sees the same
 shapes and the first minibatch of the first epoch reproduces the old log-probs.
-Letters: B sequences, S = P + N tokens, N response tokens.
+
+Sharding: every [B, ...] array is split by rows over the batch mesh axes (data, fsdp) when
+the phases are traced inside `parallel.mesh.activate(mesh)`. A chunk takes every (B / chunk)-th
+row rather than a contiguous block, so each chunk is itself spread over all batch shards and
+the chunked forwards move no rows between devices; minibatches (`take`) are re-spread the
+same way.
+Letters: B sequences, S = P + N tokens, N response tokens, C chunk (minibatch) rows.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,14 +65,25 @@ class Experience:
     returns: jax.Array         # float32 [B, N]
 
 
+def _shard_rows(x):
+    """x [B, ...] with rows over the batch mesh axes (no-op outside an active mesh)."""
+    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+
+
 def _chunked(fn: Callable, chunk: int, *arrays):
-    """fn over [B, ...] arrays in micro-batches of `chunk` rows (lax.map), results re-joined."""
+    """fn over [B, ...] arrays in micro-batches of `chunk` rows (lax.map), results re-joined.
+
+    Micro-batch j holds rows j, j + B/C, j + 2B/C, ... (strided), so that with rows sharded
+    in contiguous blocks over n devices (C divisible by n) every micro-batch is split evenly
+    over all of them. `fn` must treat rows independently; outputs come back in row order.
+    """
     B = arrays[0].shape[0]
     if B % chunk:
         raise ValueError(f"rollout batch {B} is not a multiple of the minibatch size {chunk}")
-    split = [a.reshape((B // chunk, chunk) + a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
-    return jax.tree.map(lambda x: x.reshape((B,) + x.shape[2:]), out)
+    steps = B // chunk
+    split = [jnp.swapaxes(a.reshape((chunk, steps) + a.shape[1:]), 0, 1) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*(_shard_rows(x) for x in xs)), tuple(split))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((B,) + x.shape[2:]), out)
 
 
 def make_policy_forward(model, hp: PPOHyper):
@@ -161,6 +179,37 @@ def make_update(model, tx: optax.GradientTransformation, hp: PPOHyper, ptx_loss_
     return jax.jit(update, donate_argnums=(0,))
 
 
+@jax.jit
 def take(experience: Experience, index: jax.Array) -> Experience:
-    """Rows `index` of every field (a minibatch)."""
-    return jax.tree.map(lambda x: x[index], experience)
+    """Rows `index` of every field (a minibatch), spread over the batch mesh axes.
+
+    Args:
+        experience: the buffer, every field [B, ...].
+        index: int [C] row numbers, the same on every process (host or replicated array).
+
+    Returns:
+        Experience with every field [C, ...].
+    """
+    return jax.tree.map(lambda x: _shard_rows(x[index]), experience)
+
+
+@jax.jit
+def rollout_stats(entropy: jax.Array, response_mask: jax.Array, ended: jax.Array
+                  ) -> dict[str, jax.Array]:
+    """Scalar summaries of a rollout batch, computed on device (no rows leave the mesh).
+
+    Args:
+        entropy: float32 [B, N] entropy of each response token's distribution.
+        response_mask: int [B, N], 1 on response tokens up to and including EOS.
+        ended: bool [B], the row emitted EOS.
+
+    Returns:
+        float32 scalars: entropy_rollout (mean over response tokens), response_length (mean
+        tokens per row), eos_rate (fraction of rows that ended), response_tokens (total).
+    """
+    mask = response_mask.astype(jnp.float32)
+    tokens = jnp.sum(mask)
+    return {"entropy_rollout": jnp.sum(entropy * mask) / jnp.maximum(tokens, 1.0),
+            "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "eos_rate": jnp.mean(ended.astype(jnp.float32)),
+            "response_tokens": tokens}

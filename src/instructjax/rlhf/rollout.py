@@ -14,16 +14,24 @@ over the FULL vocabulary, i.e. before any top-k / top-p filtering. That is the d
 PPO ratio starts at exactly 1 up to float error; filtering only decides which tokens can be
 drawn. Greedy decoding records the same temperature-scaled log-probs.
 
+Sharding: called inside `parallel.mesh.activate(mesh)`, the whole rollout runs on the mesh:
+rows (prompts, samples, the KV cache and every per-row buffer) are split over the batch axes
+(data, fsdp) and the cache's kv heads over the tensor axis, through the logical names of
+model/cache.py and the model's own constraints. The prompts may be global jax.Arrays (one
+batch assembled from every process) or host arrays holding the same values on every process.
+Outside an active mesh the constraints vanish and it runs on one device.
+
 Letters: B prompts, R = B * num_samples rows, P prompt length, N max new tokens,
 S = P + N sequence length, V vocab.
 """
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from instructjax.model.cache import init_cache
+from instructjax.model import cache as cache_lib
 # The one definition of left-padding positions (cumsum(mask) - 1, clipped at 0), shared with
 # the reward model's scoring so sampling, log-probs and scores all see the same positions.
 from instructjax.rlhf.scoring import positions_from_mask
@@ -113,6 +121,11 @@ def mask_after_eos(response, eos_id):
     return response_mask, length, ended
 
 
+def shard_rows(x):
+    """x [R, ...] with its rows over the batch mesh axes (a no-op outside an active mesh)."""
+    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+
+
 def _sample(logits_RV, key, *, temperature, top_k, top_p, greedy):
     """One token per row and its log-prob under the temperature-scaled full softmax.
 
@@ -137,23 +150,23 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
     P, N = prompt_tokens.shape[1], max_new_tokens
     sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                greedy=greedy)
-    tokens_RP = jnp.repeat(prompt_tokens.astype(jnp.int32), num_samples, axis=0)
-    mask_RP = jnp.repeat(prompt_mask.astype(jnp.int32), num_samples, axis=0)
+    tokens_RP = shard_rows(jnp.repeat(prompt_tokens.astype(jnp.int32), num_samples, axis=0))
+    mask_RP = shard_rows(jnp.repeat(prompt_mask.astype(jnp.int32), num_samples, axis=0))
     R = tokens_RP.shape[0]
     prompt_len_R = jnp.sum(mask_RP, axis=1)
 
     # The last sampled token is never fed back, so P + N - 1 slots hold everything read.
     # Response slots are all marked real: a row's tokens after its EOS are only seen by that
     # row's own later (discarded) steps.
-    cache = init_cache(model.cfg, R, P + N - 1)
-    kv_mask_RS = jnp.concatenate([mask_RP, jnp.ones((R, N - 1), jnp.int32)], axis=1)
+    cache = cache_lib.constrain(cache_lib.init_cache(model.cfg, R, P + N - 1))
+    kv_mask_RS = shard_rows(jnp.concatenate([mask_RP, jnp.ones((R, N - 1), jnp.int32)], axis=1))
     apply = functools.partial(model.apply, {"params": params}, kv_mask=kv_mask_RS)
 
     logits_RPV, cache = apply(tokens_RP, positions_from_mask(mask_RP), cache=cache,
                               cache_index=0)
     token_R, logprob_R = sample(logits_RPV[:, -1], jax.random.fold_in(rng, 0))
-    response_RN = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(token_R)
-    logprobs_RN = jnp.zeros((R, N), jnp.float32).at[:, 0].set(logprob_R)
+    response_RN = shard_rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(token_R))
+    logprobs_RN = shard_rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(logprob_R))
     state = (jnp.int32(1), cache, token_R, token_R == eos_id, response_RN, logprobs_RN)
 
     def not_done(state):
@@ -168,8 +181,11 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
         token_R, logprob_R = sample(logits_R1V[:, 0], jax.random.fold_in(rng, i))
         token_R = jnp.where(ended_R, pad_id, token_R)
         logprob_R = jnp.where(ended_R, 0.0, logprob_R)
-        response_RN = jax.lax.dynamic_update_slice(response_RN, token_R[:, None], (0, i))
-        logprobs_RN = jax.lax.dynamic_update_slice(logprobs_RN, logprob_R[:, None], (0, i))
+        response_RN = shard_rows(jax.lax.dynamic_update_slice(response_RN, token_R[:, None],
+                                                              (0, i)))
+        logprobs_RN = shard_rows(jax.lax.dynamic_update_slice(logprobs_RN, logprob_R[:, None],
+                                                              (0, i)))
+        cache = cache_lib.constrain(cache)
         return i + 1, cache, token_R, ended_R | (token_R == eos_id), response_RN, logprobs_RN
 
     num_steps, _, _, _, response_RN, logprobs_RN = jax.lax.while_loop(not_done, step, state)
