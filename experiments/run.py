@@ -55,11 +55,8 @@ def main(argv):
             from instructjax.stages import dry_run
             dry_run.run(config, _WORKDIR.value)
             return
-        if config.distributed.enabled:
-            import jax
-            jax.distributed.initialize(
-                config.distributed.coordinator_address or None,
-                int(config.distributed.num_processes), int(config.distributed.process_id))
+        from instructjax.stages.common import initialize_distributed
+        initialize_distributed(config.distributed)  # before anything touches a device
         from instructjax.stages.registry import get_stage
         get_stage(config.stage)(config, _WORKDIR.value)
     except (StageError, MeshConfigError, DataFormatError, FileNotFoundError) as err:

@@ -3,16 +3,23 @@
 The score comes from `data.demo.score_responses` (answer correctness); training never sees
 it. Reported for greedy decoding (`true_score`) and for sampling at the eval temperature
 (`true_score_sampled`), plus the EOS rate and mean response length of the samples.
+
+With a mesh, generation runs sharded on it (see rlhf/rollout.py); every process passes the
+same prompts and gets every answer back, so all processes compute the same score.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import contextlib
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from instructjax.data import demo, formats, pipeline
+from instructjax.parallel import mesh as mesh_lib
 from instructjax.rlhf import rollout
 
 
@@ -33,38 +40,66 @@ def decode_responses(response: np.ndarray, response_mask: np.ndarray, tokenizer)
     return texts
 
 
+def fetch(tree: Any) -> Any:
+    """Host numpy copies of a pytree of arrays; on every process the whole global value.
+
+    Arrays spread over several processes are all-gathered (a collective: every process must
+    call it); others are copied from device.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
 def generate_texts(model, params, tokens: np.ndarray, mask: np.ndarray, tokenizer, *,
-                   eval_cfg: Any, greedy: bool, seed: int) -> tuple[list[str], np.ndarray]:
-    """Answers to left-padded prompts, in batches of eval_cfg.batch_size.
+                   eval_cfg: Any, greedy: bool, seed: int, mesh=None) -> tuple[list[str], np.ndarray]:
+    """Answers to left-padded prompts (int32 [N, P] tokens and mask), in batches of
+    eval_cfg.batch_size; a short last batch is filled with copies of its first row (whose
+    answers are dropped), so every batch has one shape. With `mesh`, each batch is
+    generated sharded on it (the same prompts on every process).
 
     Returns (texts, ended bool [N]) where ended says the answer stopped with EOS.
     """
     texts, ended = [], []
     batch = int(eval_cfg.batch_size)
     rng = jax.random.key(seed)
-    for start in range(0, len(tokens), batch):
-        rng, key = jax.random.split(rng)
-        out = rollout.generate(
-            model, params, tokens[start:start + batch], mask[start:start + batch], key,
-            max_new_tokens=int(eval_cfg.max_new_tokens), temperature=float(eval_cfg.temperature),
-            top_k=int(eval_cfg.top_k), top_p=float(eval_cfg.top_p), greedy=greedy,
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        out = jax.device_get(out)
-        texts += decode_responses(out.response, out.response_mask, tokenizer)
-        ended += list(np.asarray(out.ended))
+    scope = mesh_lib.activate(mesh) if mesh is not None else contextlib.nullcontext()
+    with scope:
+        for start in range(0, len(tokens), batch):
+            rng, key = jax.random.split(rng)
+            rows = min(batch, len(tokens) - start)
+            fill = np.full(batch - rows, start) if len(tokens) > batch else np.zeros(0, int)
+            index = np.concatenate([np.arange(start, start + rows), fill]).astype(int)
+            out = rollout.generate(
+                model, params, tokens[index], mask[index], key,
+                max_new_tokens=int(eval_cfg.max_new_tokens),
+                temperature=float(eval_cfg.temperature), top_k=int(eval_cfg.top_k),
+                top_p=float(eval_cfg.top_p), greedy=greedy, eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id)
+            response, response_mask, out_ended = fetch((out.response, out.response_mask,
+                                                        out.ended))
+            texts += decode_responses(response[:rows], response_mask[:rows], tokenizer)
+            ended += list(out_ended[:rows])
     return texts, np.asarray(ended, bool)
 
 
 def evaluate(params, step: int, *, model, tokenizer, template: formats.ChatTemplate,
              prompts: Sequence[formats.Prompt], eval_cfg: Any, max_turns: int,
-             seed: int) -> dict[str, Any]:
-    """{"true_score", "true_score_sampled", "eos_rate", "sample"} of `params` on `prompts`."""
+             seed: int, mesh=None) -> dict[str, Any]:
+    """{"true_score", "true_score_sampled", "eos_rate", "sample"} of `params` on `prompts`.
+
+    With `mesh` (every process calling with the same prompts) generation is sharded on it
+    and every process returns the same numbers.
+    """
     tokens, mask = encode_prompts(prompts, tokenizer, template,
                                   max_prompt_len=int(eval_cfg.max_prompt_len), max_turns=max_turns)
     greedy_texts, _ = generate_texts(model, params, tokens, mask, tokenizer, eval_cfg=eval_cfg,
-                                     greedy=True, seed=seed)
+                                     greedy=True, seed=seed, mesh=mesh)
     sampled_texts, ended = generate_texts(model, params, tokens, mask, tokenizer,
-                                          eval_cfg=eval_cfg, greedy=False, seed=seed + step + 1)
+                                          eval_cfg=eval_cfg, greedy=False, seed=seed + step + 1,
+                                          mesh=mesh)
     return {
         "true_score": float(np.mean(demo.score_responses(prompts, greedy_texts))),
         "true_score_sampled": float(np.mean(demo.score_responses(prompts, sampled_texts))),

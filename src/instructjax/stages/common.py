@@ -6,9 +6,11 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+import signal
+from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from instructjax.data import tokenizer as tok_lib
@@ -26,6 +28,93 @@ class StageError(ValueError):
 def is_main_process() -> bool:
     """True on the process that writes logs, summaries and run records."""
     return jax.process_index() == 0
+
+
+def initialize_distributed(dist: Any) -> bool:
+    """Starts multi-process JAX from `config.distributed`; returns whether it did.
+
+    With `dist.enabled` and a `coordinator_address` ("host:port"), every process passes the
+    same address and `num_processes` and its own `process_id`. With an empty address JAX
+    finds them itself: the JAX_COORDINATOR_ADDRESS environment variable or a supported
+    cluster (SLURM, Open MPI, Cloud TPU, GKE). Call once, before anything touches a device.
+    """
+    if not dist.enabled:
+        return False
+    if dist.coordinator_address:
+        if not 0 <= int(dist.process_id) < int(dist.num_processes):
+            raise StageError(f"distributed.process_id={dist.process_id} must be in "
+                             f"[0, distributed.num_processes={dist.num_processes})")
+        jax.distributed.initialize(str(dist.coordinator_address), int(dist.num_processes),
+                                   int(dist.process_id))
+    else:
+        jax.distributed.initialize()
+    return True
+
+
+T = TypeVar("T")
+
+
+def main_process_first(fn: Callable[[], T], name: str) -> T:
+    """Runs `fn` on process 0, then on the others, then lets everyone go on.
+
+    For preparing files in a shared workdir (demo data, TFDS builds): process 0 writes them
+    alone, the others find them there (or write their own copy on a host-local disk), and no
+    process reads a file another one is still writing. `name` labels the barriers.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+    result = fn() if is_main_process() else None
+    multihost_utils.sync_global_devices(f"{name}:main-done")
+    if not is_main_process():
+        result = fn()
+    multihost_utils.sync_global_devices(f"{name}:all-done")
+    return result
+
+
+class Preemption:
+    """Decides, the same way on every process, that a run should save and stop.
+
+    Use as a context manager around the loop and call `should_stop(step)` once per step on
+    every process. One process: SIGTERM sets a flag (the handler is installed inside the
+    context only). Several processes with JAX's preemption service (started by
+    jax.distributed.initialize; it catches SIGTERM itself): `reached_preemption_sync_point`,
+    which makes every process answer True at the same step however the signal reached them.
+    Several processes without that service: a local SIGTERM flag OR-ed across processes
+    each step.
+    """
+
+    def __init__(self):
+        self._received = False
+        self._previous = None
+        self._sync_manager = False
+
+    def __enter__(self) -> "Preemption":
+        # jax.distributed.initialize starts the service when this option is on (default).
+        self._sync_manager = (jax.process_count() > 1 and jax.distributed.is_initialized()
+                              and bool(jax.config.jax_enable_preemption_service))
+        if not self._sync_manager:  # a Python handler would replace the service's own
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._received = True
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def should_stop(self, step: int) -> bool:
+        """True when every process should save at `step` and exit (the same on all)."""
+        from jax.experimental import multihost_utils
+        if self._sync_manager:
+            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.int32(self._received))
+            return bool(np.max(flags))
+        return self._received
 
 
 def build_mesh(config: Any) -> Mesh:

@@ -5,6 +5,13 @@ it, and the reward model and its score statistics come from `config.ppo.reward_f
 One iteration: sample responses to a batch of prompts with the KV-cache rollout engine, compute
 old log-probs / values / reference log-probs / scores ONCE, build advantages, then run
 `ppo.epochs` passes of minibatch updates over that frozen buffer.
+
+Multi-host: every process runs this same function (after `common.initialize_distributed`).
+Each reads its own shard of the prompts (and PPO-ptx text), which are assembled into global
+arrays on the mesh; rollout, forwards and updates run sharded over all devices; metrics and
+eval answers are reduced or gathered on device so every process sees the same numbers;
+only process 0 writes logs and run records; orbax saves and restores from every process;
+SIGTERM (or JAX's preemption notice) stops all processes after the same iteration.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from instructjax.stages import common, reward, sft
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import optim, state as state_lib
-from instructjax.train.loop import _SigtermFlag
 from instructjax.train.losses import lm_loss_fn
 
 
@@ -53,14 +59,33 @@ def hyper(config: Any) -> exp_lib.PPOHyper:
         ptx_coef=float(p.ptx_coef), chunk=int(p.minibatch_size))
 
 
-def check_sizes(config: Any) -> tuple[int, int]:
-    """(rollout batch B = prompts x samples, minibatches per epoch), validated."""
+def check_sizes(config: Any, num_processes: int = 1, batch_shards: int = 1) -> tuple[int, int]:
+    """(rollout batch B = prompts x samples, minibatches per epoch), validated.
+
+    Args:
+        config: the stage config.
+        num_processes: processes that each read prompts_per_iteration / num_processes
+            prompts (and ptx_batch_size / num_processes PPO-ptx rows).
+        batch_shards: devices the batch dim is split over (mesh data x fsdp); prompts and
+            minibatches must divide over them.
+    """
     p = config.ppo
     batch = int(p.prompts_per_iteration) * int(p.num_samples)
     if batch % int(p.minibatch_size):
         raise common.StageError(
             f"ppo.prompts_per_iteration x ppo.num_samples = {batch} must be a multiple of "
             f"ppo.minibatch_size = {p.minibatch_size}")
+    for key, rows in (("prompts_per_iteration", int(p.prompts_per_iteration)),
+                      ("minibatch_size", int(p.minibatch_size))):
+        if rows % batch_shards:
+            raise common.StageError(f"ppo.{key}={rows} must divide over the mesh's batch "
+                                    f"axes data x fsdp = {batch_shards} devices")
+    if int(p.prompts_per_iteration) % num_processes:
+        raise common.StageError(f"ppo.prompts_per_iteration={p.prompts_per_iteration} must "
+                                f"divide over {num_processes} processes")
+    if float(p.ptx_coef) > 0 and int(p.ptx_batch_size) % (num_processes * batch_shards):
+        raise common.StageError(f"ppo.ptx_batch_size={p.ptx_batch_size} must divide over "
+                                f"{num_processes} processes and {batch_shards} batch shards")
     if p.critic not in ac.CRITICS:
         raise common.StageError(f"ppo.critic={p.critic!r}; valid: {ac.CRITICS}")
     return batch, batch // int(p.minibatch_size)
@@ -134,10 +159,11 @@ def run(config: Any, workdir: str) -> dict:
     if not config.ppo.reward_from:
         raise common.StageError("config.ppo.reward_from is empty: point it at a finished "
                                 "reward stage directory")
-    rollout_batch, minibatches = check_sizes(config)
     iterations = int(config.train.steps)
     epochs = int(config.ppo.epochs)
     mesh = common.build_mesh(config)
+    rollout_batch, minibatches = check_sizes(config, jax.process_count(),
+                                             mesh_lib.batch_axis_size(mesh))
     hp = hyper(config)
     template = sft.chat_template(config)
 
@@ -163,22 +189,9 @@ def run(config: Any, workdir: str) -> dict:
     tx = make_tx(config, iterations * epochs * minibatches)
     abstract, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
 
-    # -- data: prompts (and pretraining text for PPO-ptx)
-    train_paths, eval_paths = common.stage_data_paths(config, workdir, "prompts_train",
-                                                      "prompts_eval")
-    prompt_sources = dialogue_sources.build_prompt_source(
-        train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=int(config.data.eval_percent))
-    to_example = functools.partial(prompt_example, tokenizer=tokenizer, template=template,
-                                   max_prompt_len=hp.prompt_len,
-                                   max_turns=int(config.chat.max_turns))
-    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-    prompt_batches = pipeline.make_example_batches(
-        prompt_sources["train"], to_example,
-        batch_size=int(config.ppo.prompts_per_iteration) // jax.process_count(),
-        seed=int(config.seed), pad_example=None, **shard)
-    ptx_batches = _ptx_batches(config, workdir, tokenizer, shard) if hp.ptx_coef > 0 else None
-    heldout = sft.heldout_prompts(config, workdir)
+    # -- data: prompts (and pretraining text for PPO-ptx); files written by process 0 first
+    prompt_batches, ptx_batches, heldout = common.main_process_first(
+        lambda: _data(config, workdir, tokenizer, template, hp), "ppo-data")
 
     # -- state: resume, or start from SFT
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -198,6 +211,11 @@ def run(config: Any, workdir: str) -> dict:
                       flush=True)
             checkpointer.close()
             return {}
+        if meta.get("process_count", 1) != jax.process_count():
+            raise common.StageError(
+                f"{workdir} was checkpointed by {meta.get('process_count', 1)} process(es); "
+                f"resume it with the same number (now {jax.process_count()}): each process's "
+                "data position belongs to its own shard")
         prompt_batches.set_state(meta["prompt_state"])
         if ptx_batches is not None:
             ptx_batches.set_state(meta["ptx_state"])
@@ -228,7 +246,7 @@ def run(config: Any, workdir: str) -> dict:
         result = true_score_lib.evaluate(
             ac.policy_params(state.params), iteration, model=policy_model, tokenizer=tokenizer,
             template=template, prompts=heldout, eval_cfg=config.eval,
-            max_turns=int(config.chat.max_turns), seed=int(config.seed))
+            max_turns=int(config.chat.max_turns), seed=int(config.seed), mesh=mesh)
         writer.write(iteration, "eval", result)
         if is_main:
             print(f"[ppo] eval @ {iteration}: true_score {result['true_score']:.3f} "
@@ -241,7 +259,7 @@ def run(config: Any, workdir: str) -> dict:
     rng = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
     progress = metrics_lib.Progress(iterations, start, enabled=is_main, stage="ppo")
     last, done = {}, start
-    with _SigtermFlag() as sigterm, mesh_lib.activate(mesh):
+    with common.Preemption() as preemption, mesh_lib.activate(mesh):
         for iteration in range(start, iterations):
             it_rng = jax.random.fold_in(rng, iteration)
             gen_rng, shuffle_rng = jax.random.split(it_rng)
@@ -249,7 +267,7 @@ def run(config: Any, workdir: str) -> dict:
 
             # -- phase: rollout
             t0 = time.perf_counter()
-            prompts = next(prompt_batches)
+            prompts = pipeline.make_global_batch(next(prompt_batches), mesh)
             out = rollout.generate(
                 policy_model, ac.policy_params(state.params), prompts["tokens"], prompts["mask"],
                 gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
@@ -280,10 +298,13 @@ def run(config: Any, workdir: str) -> dict:
             t0 = time.perf_counter()
             update_stats = []
             for epoch in range(epochs):
-                order = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), rollout_batch)
+                # computed alike on every process, passed to `take` as a host array
+                order = np.asarray(jax.random.permutation(
+                    jax.random.fold_in(shuffle_rng, epoch), rollout_batch))
                 for m in range(minibatches):
                     index = order[m * hp.chunk:(m + 1) * hp.chunk]
-                    ptx_batch = next(ptx_batches) if ptx_batches is not None else None
+                    ptx_batch = (pipeline.make_global_batch(next(ptx_batches), mesh)
+                                 if ptx_batches is not None else None)
                     state, stats = update(state, exp_lib.take(experience, index), ptx_batch)
                     update_stats.append(stats)
             update_stats = jax.device_get(update_stats)
@@ -294,15 +315,14 @@ def run(config: Any, workdir: str) -> dict:
             kl_coef_used = kl_state.kl_coef
             kl_state = kl_lib.update_controller(kl_cfg, kl_state, jnp.float32(exp_stats["kl"]),
                                                 rollout_batch)
-            response_mask = np.asarray(jax.device_get(out.response_mask))
-            row = {**exp_stats, **timings,
+            # reduced on device: the rows may live on other processes
+            rollout_row = {k: float(v) for k, v in jax.device_get(
+                exp_lib.rollout_stats(entropy, out.response_mask, out.ended)).items()}
+            response_tokens = rollout_row.pop("response_tokens")
+            row = {**exp_stats, **timings, **rollout_row,
                    **{k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]},
                    "kl_coef": float(jax.device_get(kl_coef_used)),  # beta of this iteration
-                   "entropy_rollout": float(np.sum(np.asarray(entropy) * response_mask)
-                                            / max(response_mask.sum(), 1)),
-                   "response_length": float(response_mask.sum(axis=1).mean()),
-                   "eos_rate": float(np.mean(np.asarray(out.ended))),
-                   "rollout_tokens_per_sec": float(response_mask.sum()) / max(timings["time_generation"], 1e-9),
+                   "rollout_tokens_per_sec": response_tokens / max(timings["time_generation"], 1e-9),
                    "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
             done = iteration + 1
             writer.write(done, "train", row)
@@ -311,12 +331,17 @@ def run(config: Any, workdir: str) -> dict:
             if done % int(config.train.eval_every) == 0 or done == iterations:
                 last = {**last, **evaluate(done)}
             finished = done == iterations
-            if finished or done % int(config.train.checkpoint_every) == 0 or sigterm.received:
+            stop = preemption.should_stop(done)  # the same answer on every process
+            if finished or done % int(config.train.checkpoint_every) == 0 or stop:
+                # Iterator positions: every process has drawn the same number of batches
+                # from its own shard, so process 0's position (orbax writes the JSON from
+                # process 0) is every process's position.
                 meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
                         "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
-                        "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None}
+                        "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None,
+                        "process_count": jax.process_count()}
                 checkpointer.save(done, state, meta)
-            if sigterm.received and not finished:
+            if stop and not finished:
                 if is_main:
                     print(f"[ppo] SIGTERM: saved iteration {done}, exiting", flush=True)
                 break
@@ -330,8 +355,33 @@ def run(config: Any, workdir: str) -> dict:
     return {**last, "frozen_checksums": frozen_after}
 
 
+def _data(config: Any, workdir: str, tokenizer, template, hp: exp_lib.PPOHyper):
+    """(prompt batches, PPO-ptx batches or None, held-out prompts or None) of this process.
+
+    Prompt batches hold prompts_per_iteration / process_count left-padded prompts of this
+    process's shard ({"tokens", "mask"} int32 [B_local, P]); held-out prompts are the same
+    on every process.
+    """
+    train_paths, eval_paths = common.stage_data_paths(config, workdir, "prompts_train",
+                                                      "prompts_eval")
+    prompt_sources = dialogue_sources.build_prompt_source(
+        train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
+        eval_percent=int(config.data.eval_percent))
+    to_example = functools.partial(prompt_example, tokenizer=tokenizer, template=template,
+                                   max_prompt_len=hp.prompt_len,
+                                   max_turns=int(config.chat.max_turns))
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    prompt_batches = pipeline.make_example_batches(
+        prompt_sources["train"], to_example,
+        batch_size=int(config.ppo.prompts_per_iteration) // jax.process_count(),
+        seed=int(config.seed), pad_example=None, **shard)
+    ptx_batches = _ptx_batches(config, workdir, tokenizer, shard) if hp.ptx_coef > 0 else None
+    return prompt_batches, ptx_batches, sft.heldout_prompts(config, workdir)
+
+
 def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):
-    """Packed pretraining batches for the PPO-ptx term."""
+    """Packed pretraining batches for the PPO-ptx term: ptx_batch_size / process_count rows
+    of this process's shard per batch."""
     if config.ppo.ptx_data_path:
         train = jsonl.resolve_paths(config.ppo.ptx_data_path)
     else:
@@ -339,5 +389,5 @@ def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):
                                                  seed=int(config.data.demo_seed))["train"]]
     source = tfds_builders.build_text_source(train, None, os.path.join(workdir, "data", "tfds"))
     return pipeline.make_lm_batches(source["train"], tokenizer, seq_len=int(config.data.seq_len),
-                                    batch_size=int(config.ppo.ptx_batch_size), seed=int(config.seed),
-                                    **shard)
+                                    batch_size=int(config.ppo.ptx_batch_size) // shard["shard_count"],
+                                    seed=int(config.seed), **shard)
