@@ -18,8 +18,14 @@ def get_config():
     # 16 prompts x 4 samples: several answers per prompt give the advantages a contrast the
     # value head alone cannot; temperature 1.0 (OpenRLHF / verl) because the tiny SFT policy
     # at 0.7 almost always repeats one answer per prompt.
+    # The critic starts as the reward model (rescaled to normalised scores): it knows from the
+    # first iteration which prompts score high, so the advantages carry the answer's merit
+    # instead of the prompt's. With the zero-initialised shared value head, explained
+    # variance stayed below 0.1 for 30 iterations, the RM score did not rise and the true
+    # score fell (0.49 -> 0.45); with this critic it reached 0.5-0.7 and the score rose.
     config.ppo.update(dict(prompts_per_iteration=16, num_samples=4, minibatch_size=16,
-                           epochs=4, max_prompt_len=64, max_new_tokens=16, temperature=1.0))
+                           epochs=4, max_prompt_len=64, max_new_tokens=16, temperature=1.0,
+                           critic="separate"))
     config.eval.update(dict(max_prompt_len=64, max_new_tokens=16, temperature=1.0))
     config.train.update(dict(steps=30, learning_rate=1e-4, warmup_steps=0, decay="constant",
                              weight_decay=0.0, b2=0.999, eps=1e-5, eval_every=10,

@@ -73,6 +73,35 @@ def test_rankings_follow_the_true_score(task):
     assert 0.6 < best_correct / 2200 < 0.8
 
 
+def test_misquotes_are_true_facts_about_a_neighbouring_problem():
+    p = demo.ArithProblem(6, "-", 2)
+    assert set(demo.misquotes(p, 3)) == {demo.ArithProblem(6, "-", 3),
+                                         demo.ArithProblem(5, "-", 2)}
+    assert demo.misquotes(demo.ArithProblem(9, "+", 9), 17) == [demo.ArithProblem(9, "+", 8),
+                                                               demo.ArithProblem(8, "+", 9)]
+    assert demo.misquotes(demo.ArithProblem(9, "+", 0), 10) == [demo.ArithProblem(9, "+", 1)]
+    for p in demo._all_problems():
+        for value in range(19):
+            for q in demo.misquotes(p, value):
+                assert q.answer == value != p.answer and max(q.a, q.b) <= 9
+                assert (q.a == p.a) + (q.b == p.b) == 1 and q.op == p.op
+
+
+def test_comparisons_hold_misquoted_wrong_answers(task):
+    """Some wrong answers restate a different problem truthfully ("6 minus 3 equals 3." for
+    "6 minus 2"): the reward model must rank them by the question asked, not by the fact."""
+    _, records = task
+    misquoted = 0
+    for c in records["comparisons_train"]:
+        problem = demo.parse_problem(c.context[-1].content)
+        for r in c.responses:
+            head = re.match(r"(\d+) (?:加|减|plus|minus) (\d+)", r)
+            if head and (int(head[1]), int(head[2])) != (problem.a, problem.b):
+                misquoted += 1
+                assert demo.true_score(problem, r) < 1.0
+    assert 0.1 < misquoted / (3 * len(records["comparisons_train"])) < 0.3, misquoted
+
+
 def test_true_score_hand_cases():
     problem = demo.ArithProblem(7, "+", 5)
     for correct in ("12", "12。", "7 加 5 等于 12。", "答案是 12。", "7 plus 5 equals 12.",

@@ -293,6 +293,30 @@ def _sample_answer(rng: random.Random, p: ArithProblem, lang: str, value: int) -
     return arith_answer(p, lang, value, rng.choices(styles, weights=weights)[0])
 
 
+def misquotes(p: ArithProblem, value: int) -> list[ArithProblem]:
+    """Problems that change one operand of p so that their true answer is `value` (!= p's).
+
+    "6 minus 3 equals 3." answers "What is 6 minus 2?" with a true fact about the wrong
+    problem: the mistake a model that memorised the corpus facts makes when it is unsure.
+    """
+    a, b = p.a, p.b
+    if p.op == "+":
+        candidates = [ArithProblem(a, "+", value - a), ArithProblem(value - b, "+", b)]
+    else:
+        candidates = [ArithProblem(a, "-", a - value), ArithProblem(value + b, "-", b)]
+    return [q for q in candidates if q != p and q.answer == value and
+            0 <= min(q.a, q.b) and max(q.a, q.b) <= _MAX_OPERAND and (q.op == "+" or q.b <= q.a)]
+
+
+def _wrong_answer(rng: random.Random, p: ArithProblem, lang: str, value: int) -> str:
+    """A wrong answer stating `value`; a third of them misquote the problem (`misquotes`)."""
+    options = misquotes(p, value)
+    if options and rng.random() < 1 / 3:
+        q = rng.choice(options)
+        return arith_fact(q, lang)
+    return _sample_answer(rng, p, lang, value)
+
+
 def _correct_answer(rng: random.Random, p: ArithProblem, lang: str) -> str:
     return _sample_answer(rng, p, lang, p.answer)
 
@@ -421,7 +445,9 @@ def _comparison_record(rng: random.Random, heldout) -> dict:
     responses = []
     for e in errors:
         value = p.answer + rng.choice((-e, e))
-        responses.append(_sample_answer(rng, p, lang, value if value >= 0 else p.answer + e))
+        value = value if value >= 0 else p.answer + e
+        responses.append(_sample_answer(rng, p, lang, value) if e == 0
+                         else _wrong_answer(rng, p, lang, value))
     if rng.random() < 0.15:  # sometimes a refusal without a number: ranked last
         responses[0] = rng.choice(_NO_ANSWER[lang])
     rng.shuffle(responses)

@@ -43,6 +43,21 @@ def make_actor_critic(critic: str, policy_cfg: ModelConfig, critic_cfg: ModelCon
     raise ValueError(f"ppo.critic={critic!r}; valid: {CRITICS}")
 
 
+def critic_from_reward_model(rm_params, gain: float, bias: float):
+    """Reward-model params rescaled so the critic starts out predicting normalised scores.
+
+    PPO's returns are in normalised-score units (gain * raw + bias, `ppo.shaped_rewards`),
+    while the reward head outputs raw scores: scaling the head's kernel and bias by `gain` and
+    adding `bias` makes the initial values the normalised score the RM would give each prefix
+    (DeepSpeed-Chat and OpenRLHF initialise the critic from the RM for this reason). The result
+    is float32 (the critic is trained).
+    """
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), rm_params)
+    head = params["head"]
+    return {**params, "head": {"kernel": head["kernel"] * gain,
+                               "bias": head["bias"] * gain + bias}}
+
+
 def policy_params(params):
     """The Transformer params of the policy inside either actor-critic param tree."""
     return params["trunk"] if "trunk" in params else params["actor"]

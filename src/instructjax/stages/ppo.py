@@ -184,7 +184,7 @@ def run(config: Any, workdir: str) -> dict:
         if config.ppo.critic == "shared":  # zero-initialised value head (OpenAI)
             head = ScalarHead(0.0).init(jax.random.key(0), jnp.zeros((1, 1, policy_cfg.embed_dim)))
             return {"trunk": sft_params, "value_head": nn.meta.unbox(head["params"])}
-        return {"actor": sft_params, "critic": cast_frozen(rm_params, "float32")}
+        return {"actor": sft_params, "critic": ac.critic_from_reward_model(rm_params, gain, bias)}
 
     tx = make_tx(config, iterations * epochs * minibatches)
     abstract, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
