@@ -14,13 +14,10 @@ Algorithm (Dao et al., FlashAttention-2, arXiv:2307.08691, Alg. 1 and 2):
   query blocks, so GQA is reduced inside the kernel without atomics) and a dQ kernel (one
   program per (batch, query head, query block), looping over kv blocks).
 
-Block skipping: a (query block, kv block) pair is SKIP (nothing visible: the kv block is
-entirely after the query block under causality, or the blocks' segment-id ranges cannot
-overlap, or one side is all padding), FULL (every pair visible: no elementwise mask) or MASKED.
-`block_kind` decides it from block index ranges and the per-block min/max of the segment ids;
-the min/max tables and each row block's [first, last) range of non-skipped blocks are computed
-outside the kernels (`block_kind_table`, `_visit_ranges`) and passed in. Causal attention
-without segment ids needs no tables: the ranges are closed-form (`causal_block_ranges`).
+Block skipping (`kernels/block_sparsity.py`): each (query block, kv block) pair is SKIP
+(nothing visible: not visited), FULL (no elementwise mask) or MASKED. With segment ids the
+wrapper computes small per-block tables outside the kernels and each kernel walks only the
+blocks they allow; causal attention without segment ids needs no tables (closed-form ranges).
 
 Lengths that are not a multiple of the block size are padded inside the wrapper: padded keys
 get segment id 0 (masked), padded rows are sliced off. Under causal masking without segment
@@ -56,8 +53,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-# Block kinds (values of block_kind / block_kind_table).
-SKIP, FULL, MASKED = 0, 1, 2
+from instructjax.kernels import block_sparsity as bsp
 
 # Score fill for masked entries. Finite (not -inf) so that a row whose entries are all masked
 # so far has max == fill and exp(fill - fill) stays finite; those entries are then zeroed
@@ -102,119 +98,6 @@ class BlockSizes:
 
 
 # ------------------------------------------------------------------------------------------
-# Which blocks to visit (shared by the kernels and the tests)
-# ------------------------------------------------------------------------------------------
-
-def block_kind(q_first, q_last, k_first, k_last, q_seg=None, k_seg=None, *, causal):
-    """SKIP, FULL or MASKED for a block of queries [q_first, q_last] x keys [k_first, k_last].
-
-    Works elementwise on jnp arrays (for tables) and on the scalars a kernel reads.
-
-    Args:
-        q_first, q_last, k_first, k_last: int, first and last index of each block.
-        q_seg, k_seg: optional (min, max, pure) of the segment ids of the query / key block
-            (see segment_block_bounds); ids are >= 0 with 0 = padding. None = no segment
-            masking.
-        causal: whether query t only sees keys s <= t.
-
-    Returns:
-        int32 block kind.
-    """
-    skip = jnp.zeros_like(q_first, dtype=jnp.bool_)
-    full = jnp.ones_like(q_first, dtype=jnp.bool_)
-    if causal:
-        skip = skip | (k_first > q_last)
-        full = full & (k_last <= q_first)
-    if q_seg is not None:
-        (q_min, q_max, q_pure), (k_min, k_max, k_pure) = q_seg, k_seg
-        # Disjoint id ranges share no segment; a max of 0 means the block is all padding.
-        skip = skip | (q_max < k_min) | (k_max < q_min) | (q_max == 0) | (k_max == 0)
-        full = full & (q_pure == 1) & (k_pure == 1) & (q_max == k_max)
-    return jnp.where(skip, SKIP, jnp.where(full, FULL, MASKED)).astype(jnp.int32)
-
-
-def segment_block_bounds(segment_ids, block):
-    """Per-block summary of segment ids: int [B, L] -> (min, max, pure), int32 [B, L // block].
-
-    min is taken over the non-padding ids, so a document tail followed by padding does not
-    widen the block's range down to 0 (all-padding blocks get min = max = 0); pure is 1 when
-    the block is one document with no padding (the condition for FULL).
-    """
-    B, L = segment_ids.shape
-    blocks = segment_ids.astype(jnp.int32).reshape(B, L // block, block)
-    hi = blocks.max(axis=-1)
-    lo = jnp.where(blocks == 0, jnp.iinfo(jnp.int32).max, blocks).min(axis=-1)
-    lo = jnp.where(hi == 0, 0, lo)
-    pure = (blocks.min(axis=-1) == hi) & (hi != 0)
-    return lo, hi, pure.astype(jnp.int32)
-
-
-def block_kind_table(q_segment_ids, kv_segment_ids, block_q, block_kv, *, causal):
-    """Kind of every (query block, kv block) pair.
-
-    Args:
-        q_segment_ids: int [B, T] or None; kv_segment_ids: int [B, S] or None (both or
-            neither). T and S must be multiples of block_q and block_kv.
-        block_q, block_kv: block sizes.
-        causal: causal masking.
-
-    Returns:
-        int32 [B, T // block_q, S // block_kv] of SKIP / FULL / MASKED ([1, ...] without
-        segment ids).
-    """
-    if q_segment_ids is None:
-        raise ValueError("block_kind_table needs segment ids; without them the kinds depend "
-                         "on causality only (see causal_block_ranges)")
-    nq = q_segment_ids.shape[1] // block_q
-    nk = kv_segment_ids.shape[1] // block_kv
-    i = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
-    j = jnp.arange(nk, dtype=jnp.int32)[None, None, :]
-    q_bounds = segment_block_bounds(q_segment_ids, block_q)
-    k_bounds = segment_block_bounds(kv_segment_ids, block_kv)
-    return block_kind(i * block_q, i * block_q + block_q - 1,
-                      j * block_kv, j * block_kv + block_kv - 1,
-                      tuple(x[:, :, None] for x in q_bounds),
-                      tuple(x[:, None, :] for x in k_bounds), causal=causal)
-
-
-def _visit_ranges(kinds_BRC):
-    """[lo, hi) of the non-SKIP columns of each row: int32 [B, R, C] -> two int32 [B, R].
-
-    Rows with nothing to visit get lo = hi = 0. Inside [lo, hi) SKIP blocks can still occur
-    (segment ranges need not be sorted); the kernels test each block's kind again.
-    """
-    C = kinds_BRC.shape[-1]
-    visit = kinds_BRC != SKIP
-    any_visit = visit.any(axis=-1)
-    lo = jnp.argmax(visit, axis=-1)
-    hi = C - jnp.argmax(visit[..., ::-1], axis=-1)
-    return (jnp.where(any_visit, lo, 0).astype(jnp.int32),
-            jnp.where(any_visit, hi, 0).astype(jnp.int32))
-
-
-def causal_block_ranges(row, row_block, col_block, n_cols, *, rows_are_queries):
-    """Causal attention without segments: the column blocks a row block visits, as runs.
-
-    For a query block i (rows_are_queries) the kv blocks [0, mid) are FULL and [mid, hi)
-    MASKED (they cross the diagonal); for a kv block j the query blocks [lo, mid) are MASKED
-    and [mid, n_cols) FULL. Everything else is SKIP. Uses lax.div on non-negative ints (works
-    on Python ints and on traced kernel scalars alike).
-
-    Returns:
-        ((start, stop, masked), (start, stop, masked)): two runs in visiting order.
-    """
-    if rows_are_queries:
-        bq, bk = row_block, col_block
-        hi = jnp.minimum(lax.div((row + 1) * bq + bk - 1, bk), n_cols)
-        mid = jnp.minimum(lax.div(row * bq + 1, bk), hi)
-        return (0, mid, False), (mid, hi, True)
-    bk, bq = row_block, col_block
-    lo = jnp.minimum(lax.div(row * bk, bq), n_cols)
-    mid = jnp.maximum(jnp.minimum(lax.div((row + 1) * bk - 1 + bq - 1, bq), n_cols), lo)
-    return (lo, mid, True), (mid, n_cols, False)
-
-
-# ------------------------------------------------------------------------------------------
 # Static configuration of one call
 # ------------------------------------------------------------------------------------------
 
@@ -238,60 +121,6 @@ class _Config:
         return self.target == "tpu"
 
 
-def _compiler_params(cfg, num_grid_dims):
-    if cfg.target == "gpu":
-        from jax.experimental.pallas import triton as plt
-        return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.target == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
-    return None
-
-
-def _whole_array_spec(cfg):
-    """Spec for the small int tables, read as scalars: SMEM on TPU, whole array elsewhere."""
-    if cfg.target == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec()
-
-
-def _seq_spec(cfg, block, D, index_map):
-    """[block, D] tiles of a [B, T, H, D] (or [B, H, T, D]) array.
-
-    index_map(*grid) -> (b, head, seq_block).
-    """
-    if cfg.heads_major:
-        return pl.BlockSpec((None, None, block, D),
-                            lambda *g: _heads_major_index(index_map(*g)))
-    return pl.BlockSpec((None, block, None, D),
-                        lambda *g: _token_major_index(index_map(*g)))
-
-
-def _heads_major_index(bhs):
-    b, h, s = bhs
-    return b, h, s, 0
-
-
-def _token_major_index(bhs):
-    b, h, s = bhs
-    return b, s, h, 0
-
-
-def _group_spec(cfg, G, length, D):
-    """All G query heads of kv head `kh`, whole sequence: grid (b, kh, _) -> [T, G, D]."""
-    if cfg.heads_major:
-        return pl.BlockSpec((None, G, length, D), lambda b, kh, j: (b, kh, 0, 0))
-    return pl.BlockSpec((None, length, G, D), lambda b, kh, j: (b, 0, kh, 0))
-
-
-def _group_rows(cfg, ref, g, start, size):
-    """Rows [start, start + size) of head g of a group block ref -> [size, D]."""
-    if cfg.heads_major:
-        return ref[g, pl.ds(start, size), :]
-    return ref[pl.ds(start, size), g, :]
-
-
 # ------------------------------------------------------------------------------------------
 # Kernel building blocks
 # ------------------------------------------------------------------------------------------
@@ -311,6 +140,13 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _group_rows(cfg, ref, g, start, size):
+    """Rows [start, start + size) of head g of a group block ref -> [size, D]."""
+    if cfg.heads_major:
+        return ref[g, pl.ds(start, size), :]
+    return ref[pl.ds(start, size), g, :]
+
+
 def _element_mask(cfg, q_start, bq, k_start, bk, q_seg, k_seg):
     """bool [bq, bk]: which (query, key) pairs of a MASKED block are visible."""
     mask = jnp.ones((bq, bk), jnp.bool_)
@@ -321,50 +157,6 @@ def _element_mask(cfg, q_start, bq, k_start, bk, q_seg, k_seg):
     if cfg.segments:
         mask = mask & (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0)
     return mask
-
-
-def _visit_blocks(cfg, step, carry, *, row, n_cols, row_block, col_block, rows_are_queries,
-                  tables):
-    """Run carry = step(col, carry, masked) over the column blocks row block `row` must see.
-
-    `masked` is static: unmasked blocks run without any elementwise select.
-
-    Args:
-        tables: (row_tab_ref, col_tab_ref, b) in segment mode, else None. row_tab[b, r] =
-            (seg min, seg max, pure, lo, hi) of row block r (segment_block_bounds, then the
-            [lo, hi) range of blocks to visit); col_tab[b, c] = (seg min, seg max, pure).
-    """
-    def run(start, stop, masked, c):
-        return lax.fori_loop(start, stop, lambda col, c: step(col, c, masked), c)
-
-    if cfg.segments:
-        row_tab, col_tab, b = tables
-        r_seg = (row_tab[b, row, 0], row_tab[b, row, 1], row_tab[b, row, 2])
-        lo, hi = row_tab[b, row, 3], row_tab[b, row, 4]
-        r_first = row * row_block
-        r_last = r_first + row_block - 1
-
-        def body(col, c):
-            c_seg = (col_tab[b, col, 0], col_tab[b, col, 1], col_tab[b, col, 2])
-            c_first = col * col_block
-            c_last = c_first + col_block - 1
-            if rows_are_queries:
-                kind = block_kind(r_first, r_last, c_first, c_last, r_seg, c_seg,
-                                  causal=cfg.causal)
-            else:
-                kind = block_kind(c_first, c_last, r_first, r_last, c_seg, r_seg,
-                                  causal=cfg.causal)
-            return lax.switch(kind, [lambda c: c,
-                                     lambda c: step(col, c, False),
-                                     lambda c: step(col, c, True)], c)
-
-        return lax.fori_loop(lo, hi, body, carry)
-    if cfg.causal:
-        for start, stop, masked in causal_block_ranges(
-                row, row_block, col_block, n_cols, rows_are_queries=rows_are_queries):
-            carry = run(start, stop, masked, carry)
-        return carry
-    return run(0, n_cols, False, carry)
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,8 +203,8 @@ def _fwd_kernel(*refs, cfg, n_kv):
     carry = (jnp.full((bq,), _MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
              jnp.zeros((bq, D), jnp.float32))
     tables = (row_tab, col_tab, b) if cfg.segments else None
-    m, l, acc = _visit_blocks(cfg, step, carry, row=i, n_cols=n_kv, row_block=bq,
-                              col_block=bk, rows_are_queries=True, tables=tables)
+    m, l, acc = bsp.visit_blocks(step, carry, row=i, n_cols=n_kv, row_block=bq, col_block=bk,
+                                 rows_are_queries=True, causal=cfg.causal, tables=tables)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -449,8 +241,9 @@ def _dq_kernel(*refs, cfg, n_kv):
         return dq + _dot(ds.astype(k.dtype), k)
 
     tables = (row_tab, col_tab, b) if cfg.segments else None
-    dq = _visit_blocks(cfg, step, jnp.zeros(q.shape, jnp.float32), row=i, n_cols=n_kv,
-                       row_block=bq, col_block=bk, rows_are_queries=True, tables=tables)
+    dq = bsp.visit_blocks(step, jnp.zeros(q.shape, jnp.float32), row=i, n_cols=n_kv,
+                          row_block=bq, col_block=bk, rows_are_queries=True, causal=cfg.causal,
+                          tables=tables)
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -490,8 +283,8 @@ def _dkdv_kernel(*refs, cfg, n_q, G):
             dk = dk + _dot_tn(ds.astype(q.dtype), q)
             return dk, dv
 
-        return _visit_blocks(cfg, step, carry, row=j, n_cols=n_q, row_block=bk,
-                             col_block=bq, rows_are_queries=False, tables=tables)
+        return bsp.visit_blocks(step, carry, row=j, n_cols=n_q, row_block=bk, col_block=bq,
+                                rows_are_queries=False, causal=cfg.causal, tables=tables)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
@@ -512,19 +305,36 @@ def _dims(cfg, q, k):
     return B, T, H, D, S, K
 
 
-def _tables(q_seg, kv_seg, row_block, col_block, causal, rows_are_queries):
-    """(row_tab [B, R, 5], col_tab [B, C, 3]) int32 for _visit_blocks, from [B, 1, L] ids."""
-    q_ids, kv_ids = q_seg[:, 0, :], kv_seg[:, 0, :]
-    if rows_are_queries:
-        row_ids, col_ids = q_ids, kv_ids
-        kinds = block_kind_table(q_ids, kv_ids, row_block, col_block, causal=causal)
-    else:
-        row_ids, col_ids = kv_ids, q_ids
-        kinds = block_kind_table(q_ids, kv_ids, col_block, row_block,
-                                 causal=causal).transpose(0, 2, 1)
-    lo, hi = _visit_ranges(kinds)
-    return (jnp.stack([*segment_block_bounds(row_ids, row_block), lo, hi], axis=-1),
-            jnp.stack(segment_block_bounds(col_ids, col_block), axis=-1))
+def _compiler_params(cfg, num_grid_dims):
+    """Backend options: Triton launch shape on GPU; on TPU every grid axis is independent."""
+    if cfg.target == "gpu":
+        from jax.experimental.pallas import triton as plt
+        return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.target == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
+    return None
+
+
+def _seq_spec(cfg, block, D, index_map):
+    """[block, D] tiles of a [B, T, H, D] (or [B, H, T, D]) array.
+
+    index_map(*grid) -> (b, head, seq_block).
+    """
+    def index(*grid):
+        b, h, s = index_map(*grid)
+        return (b, h, s, 0) if cfg.heads_major else (b, s, h, 0)
+
+    if cfg.heads_major:
+        return pl.BlockSpec((None, None, block, D), index)
+    return pl.BlockSpec((None, block, None, D), index)
+
+
+def _group_spec(cfg, G, length, D):
+    """All G query heads of kv head `kh`, whole sequence: grid (b, kh, _) -> [T, G, D]."""
+    if cfg.heads_major:
+        return pl.BlockSpec((None, G, length, D), lambda b, kh, j: (b, kh, 0, 0))
+    return pl.BlockSpec((None, length, G, D), lambda b, kh, j: (b, 0, kh, 0))
 
 
 def _lse_spec(block):
@@ -535,90 +345,115 @@ def _lse_spec(block):
     return pl.BlockSpec((None, None, None, block), lambda b, h, i: (b, h, 0, i))
 
 
+def _query_row_specs(cfg, bq, S, D, G):
+    """Specs for programs over grid (b, h, query block i), as in the forward and dQ kernels:
+    the [bq, D] tile of head h (q, do, o, dq) and the whole [S, D] row of kv head h // G."""
+    return (_seq_spec(cfg, bq, D, lambda b, h, i: (b, h, i)),
+            _seq_spec(cfg, S, D, lambda b, h, i: (b, lax.div(h, G), 0)))
+
+
+def _segment_inputs(cfg, q_seg, kv_seg, bq, bk, *, rows_are_queries):
+    """Segment mode's inputs around the kernel's own, or None without segments.
+
+    Returns (before, after), lists of (array, spec): before, the two int32 block_tables; after,
+    the [B, 1, T] / [B, 1, S] ids as this program's block and the other side's whole row
+    (query-row grid (b, h, i): q_seg [bq], kv_seg [S]; kv-row grid (b, kh, j): q_seg [T],
+    kv_seg [bk]).
+    """
+    if not cfg.segments:
+        return None
+    T, S = q_seg.shape[-1], kv_seg.shape[-1]
+    if rows_are_queries:
+        row_block, col_block = bq, bk
+        q_seg_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, 0, i))
+        kv_seg_spec = pl.BlockSpec((None, None, S), lambda b, h, i: (b, 0, 0))
+    else:
+        row_block, col_block = bk, bq
+        q_seg_spec = pl.BlockSpec((None, None, T), lambda b, kh, j: (b, 0, 0))
+        kv_seg_spec = pl.BlockSpec((None, None, bk), lambda b, kh, j: (b, 0, j))
+    row_tab, col_tab = bsp.block_tables(q_seg[:, 0, :], kv_seg[:, 0, :], row_block, col_block,
+                                        causal=cfg.causal, rows_are_queries=rows_are_queries)
+    if cfg.target == "tpu":      # the tables are read as scalars: SMEM on TPU
+        from jax.experimental.pallas import tpu as pltpu
+        table_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+    else:
+        table_spec = pl.BlockSpec()
+    return ([(row_tab, table_spec), (col_tab, table_spec)],
+            [(q_seg, q_seg_spec), (kv_seg, kv_seg_spec)])
+
+
+def _call(cfg, kernel, name, *, grid, ins, outs, segment_inputs):
+    """pl.pallas_call(kernel) for cfg's backend -> list of outputs.
+
+    ins: [(array, BlockSpec)] and outs: [(ShapeDtypeStruct, BlockSpec)], in the kernel's ref
+    order; segment_inputs: from _segment_inputs (wrapped around `ins`), or None.
+    """
+    if segment_inputs is not None:
+        before, after = segment_inputs
+        ins = before + ins + after
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[spec for _, spec in ins],
+        out_specs=[spec for _, spec in outs],
+        out_shape=[shape for shape, _ in outs],
+        compiler_params=_compiler_params(cfg, len(grid)),
+        interpret=cfg.target == "interpret",
+        name=name,
+    )(*(x for x, _ in ins))
+
+
 def _fwd_call(cfg, q, k, v, q_seg, kv_seg):
     """Forward pallas_call on kernel-layout arrays -> (o like q, lse float32 [B, H, 1, T])."""
     B, T, H, D, S, K = _dims(cfg, q, k)
-    G = H // K
     bq, bk = cfg.block_q, cfg.block_kv
-    q_map = lambda b, h, i: (b, h, i)
-    kv_map = lambda b, h, i: (b, lax.div(h, G), 0)
-    in_specs = [_seq_spec(cfg, bq, D, q_map), _seq_spec(cfg, S, D, kv_map),
-                _seq_spec(cfg, S, D, kv_map)]
-    args = [q, k, v]
-    if cfg.segments:
-        row_tab, col_tab = _tables(q_seg, kv_seg, bq, bk, cfg.causal, True)
-        in_specs = ([_whole_array_spec(cfg)] * 2 + in_specs +
-                    [pl.BlockSpec((None, None, bq), lambda b, h, i: (b, 0, i)),
-                     pl.BlockSpec((None, None, S), lambda b, h, i: (b, 0, 0))])
-        args = [row_tab, col_tab] + args + [q_seg, kv_seg]
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, n_kv=S // bk),
+    q_spec, kv_spec = _query_row_specs(cfg, bq, S, D, H // K)
+    o, lse = _call(
+        cfg, functools.partial(_fwd_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_fwd",
         grid=(B, H, T // bq),
-        in_specs=in_specs,
-        out_specs=[_seq_spec(cfg, bq, D, q_map), _lse_spec(bq)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, 1, T), jnp.float32)],
-        compiler_params=_compiler_params(cfg, 3),
-        interpret=cfg.target == "interpret",
-        name="flash_attention_fwd",
-    )(*args)
+        ins=[(q, q_spec), (k, kv_spec), (v, kv_spec)],
+        outs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec),
+              (jax.ShapeDtypeStruct((B, H, 1, T), jnp.float32), _lse_spec(bq))],
+        segment_inputs=_segment_inputs(cfg, q_seg, kv_seg, bq, bk, rows_are_queries=True))
     return o, lse
 
 
 def _dq_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg):
+    """dQ pallas_call -> dq like q (lse, delta: float32 [B, H, 1, T])."""
     B, T, H, D, S, K = _dims(cfg, q, k)
-    G = H // K
     bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
-    q_map = lambda b, h, i: (b, h, i)
-    kv_map = lambda b, h, i: (b, lax.div(h, G), 0)
-    in_specs = [_seq_spec(cfg, bq, D, q_map), _seq_spec(cfg, S, D, kv_map),
-                _seq_spec(cfg, S, D, kv_map), _seq_spec(cfg, bq, D, q_map),
-                _lse_spec(bq), _lse_spec(bq)]
-    args = [q, k, v, do, lse, delta]
-    if cfg.segments:
-        row_tab, col_tab = _tables(q_seg, kv_seg, bq, bk, cfg.causal, True)
-        in_specs = ([_whole_array_spec(cfg)] * 2 + in_specs +
-                    [pl.BlockSpec((None, None, bq), lambda b, h, i: (b, 0, i)),
-                     pl.BlockSpec((None, None, S), lambda b, h, i: (b, 0, 0))])
-        args = [row_tab, col_tab] + args + [q_seg, kv_seg]
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, n_kv=S // bk),
+    q_spec, kv_spec = _query_row_specs(cfg, bq, S, D, H // K)
+    (dq,) = _call(
+        cfg, functools.partial(_dq_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_dq",
         grid=(B, H, T // bq),
-        in_specs=in_specs,
-        out_specs=_seq_spec(cfg, bq, D, q_map),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(cfg, 3),
-        interpret=cfg.target == "interpret",
-        name="flash_attention_dq",
-    )(*args)
+        ins=[(q, q_spec), (k, kv_spec), (v, kv_spec), (do, q_spec), (lse, _lse_spec(bq)),
+             (delta, _lse_spec(bq))],
+        outs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec)],
+        segment_inputs=_segment_inputs(cfg, q_seg, kv_seg, bq, bk, rows_are_queries=True))
+    return dq
 
 
 def _dkdv_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg):
+    """dK/dV pallas_call -> (dk like k, dv like v) (lse, delta: float32 [B, H, 1, T]).
+
+    Grid (b, kv head kh, kv block j): k, v, dk, dv are [bk, D] tiles; q, do, lse and delta
+    are the whole rows of the group's G query heads.
+    """
     B, T, H, D, S, K = _dims(cfg, q, k)
     G = H // K
     bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
-    kv_map = lambda b, kh, j: (b, kh, j)
+    kv_spec = _seq_spec(cfg, bk, D, lambda b, kh, j: (b, kh, j))
+    group_spec = _group_spec(cfg, G, T, D)
     stat_spec = pl.BlockSpec((None, G, None, T), lambda b, kh, j: (b, kh, 0, 0))
-    in_specs = [_group_spec(cfg, G, T, D), _seq_spec(cfg, bk, D, kv_map),
-                _seq_spec(cfg, bk, D, kv_map), _group_spec(cfg, G, T, D), stat_spec, stat_spec]
-    args = [q, k, v, do, lse, delta]
-    if cfg.segments:
-        row_tab, col_tab = _tables(q_seg, kv_seg, bk, bq, cfg.causal, False)
-        in_specs = ([_whole_array_spec(cfg)] * 2 + in_specs +
-                    [pl.BlockSpec((None, None, T), lambda b, kh, j: (b, 0, 0)),
-                     pl.BlockSpec((None, None, bk), lambda b, kh, j: (b, 0, j))])
-        args = [row_tab, col_tab] + args + [q_seg, kv_seg]
-    return pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, n_q=T // bq, G=G),
+    dk, dv = _call(
+        cfg, functools.partial(_dkdv_kernel, cfg=cfg, n_q=T // bq, G=G), "flash_attention_dkdv",
         grid=(B, K, S // bk),
-        in_specs=in_specs,
-        out_specs=[_seq_spec(cfg, bk, D, kv_map), _seq_spec(cfg, bk, D, kv_map)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(cfg, 3),
-        interpret=cfg.target == "interpret",
-        name="flash_attention_dkdv",
-    )(*args)
+        ins=[(q, group_spec), (k, kv_spec), (v, kv_spec), (do, group_spec), (lse, stat_spec),
+             (delta, stat_spec)],
+        outs=[(jax.ShapeDtypeStruct(k.shape, k.dtype), kv_spec),
+              (jax.ShapeDtypeStruct(v.shape, v.dtype), kv_spec)],
+        segment_inputs=_segment_inputs(cfg, q_seg, kv_seg, bq, bk, rows_are_queries=False))
+    return dk, dv
 
 
 # ------------------------------------------------------------------------------------------
@@ -658,13 +493,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public wrapper
 # ------------------------------------------------------------------------------------------
 
-def _next_power_of_2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _clamp_block(block, length):
     """Shrink a block to the sequence (next power of two, at least 16: Triton's dot minimum)."""
-    return min(block, max(16, _next_power_of_2(length)))
+    return min(block, max(16, 1 << max(0, int(length) - 1).bit_length()))
 
 
 def _round_up(x, m):

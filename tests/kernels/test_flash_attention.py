@@ -1,4 +1,5 @@
-"""kernels/flash_attention.py in Pallas interpret mode against kernels/reference.py.
+"""kernels/flash_attention.py (and its block_sparsity.py) in Pallas interpret mode against
+kernels/reference.py.
 
 Forward output, log-sum-exp and q/k/v gradients (jax.vjp with random cotangents) are compared
 with the plain-jnp reference on fresh random inputs; the block-skipping tables are checked
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instructjax.kernels import block_sparsity as bsp
 from instructjax.kernels import flash_attention as fa
 from instructjax.kernels import reference
 
@@ -184,7 +186,7 @@ def test_default_block_sizes_and_model_entry_point():
 # Block skipping
 # --------------------------------------------------------------------------------------
 
-kind_table = jax.jit(fa.block_kind_table, static_argnums=(2, 3), static_argnames=("causal",))
+kind_table = jax.jit(bsp.block_kind_table, static_argnums=(2, 3), static_argnames=("causal",))
 
 
 def brute_force_kinds(seg, bq, bk, causal):
@@ -194,7 +196,7 @@ def brute_force_kinds(seg, bq, bk, causal):
     blocks = mask.reshape(B, T // bq, bq, S // bk, bk)
     any_ = blocks.any(axis=(2, 4))
     all_ = blocks.all(axis=(2, 4))
-    return np.where(~any_, fa.SKIP, np.where(all_, fa.FULL, fa.MASKED))
+    return np.where(~any_, bsp.SKIP, np.where(all_, bsp.FULL, bsp.MASKED))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -213,14 +215,14 @@ def test_block_kind_table_matches_brute_force(causal, layout):
         exact = brute_force_kinds(seg, bq, bk, causal)
         # SKIP must be exact whenever the ranges prove it; it may only err towards MASKED
         # (min/max ranges of unsorted ids can overlap without sharing an id).
-        assert ((kinds == fa.SKIP) <= (exact == fa.SKIP)).all()
-        assert ((kinds == fa.FULL) == (exact == fa.FULL)).all()
+        assert ((kinds == bsp.SKIP) <= (exact == bsp.SKIP)).all()
+        assert ((kinds == bsp.FULL) == (exact == bsp.FULL)).all()
         if layout != "random":
             np.testing.assert_array_equal(kinds, exact)
-        lo, hi = (np.asarray(x) for x in jax.jit(fa._visit_ranges)(kinds))
+        lo, hi = (np.asarray(x) for x in jax.jit(bsp.visit_ranges)(kinds))
         cols = np.arange(kinds.shape[-1])
         outside = (cols < lo[..., None]) | (cols >= hi[..., None])
-        assert (kinds[outside] == fa.SKIP).all()
+        assert (kinds[outside] == bsp.SKIP).all()
 
 
 def test_causal_block_ranges_match_brute_force():
@@ -231,10 +233,10 @@ def test_causal_block_ranges_match_brute_force():
         for rows_are_queries, table in [(True, exact), (False, exact.T)]:
             rb, cb = (bq, bk) if rows_are_queries else (bk, bq)
             for r in range(table.shape[0]):
-                got = np.full(table.shape[1], fa.SKIP)
-                for start, stop, masked in fa.causal_block_ranges(
+                got = np.full(table.shape[1], bsp.SKIP)
+                for start, stop, masked in bsp.causal_block_ranges(
                         r, rb, cb, table.shape[1], rows_are_queries=rows_are_queries):
-                    got[int(start):int(stop)] = fa.MASKED if masked else fa.FULL
+                    got[int(start):int(stop)] = bsp.MASKED if masked else bsp.FULL
                 np.testing.assert_array_equal(got, table[r], err_msg=f"{bq},{bk},{r}")
 
 
@@ -252,7 +254,7 @@ def test_kernels_skip_exactly_the_skip_blocks(segments):
     if segments:
         np.testing.assert_array_equal(
             np.asarray(kind_table(seg, seg, b, b, causal=True)), kinds)
-    assert (kinds == fa.SKIP).any() and (kinds != fa.SKIP).any()
+    assert (kinds == bsp.SKIP).any() and (kinds != bsp.SKIP).any()
     kq, kk, kv, kdo = jax.random.split(jax.random.key(2), 4)
     q, k, v = normal(kq, (B, T, H, D)), normal(kk, (B, T, K, D)), normal(kv, (B, T, K, D))
     do, dlse = normal(kdo, (B, T, H, D)), jnp.zeros((B, H, T))
@@ -263,14 +265,14 @@ def test_kernels_skip_exactly_the_skip_blocks(segments):
     k_bad = k.at[:, j * b:(j + 1) * b].set(jnp.nan)
     v_bad = v.at[:, j * b:(j + 1) * b].set(jnp.nan)
     o, _, (dq, _, _) = kernel_vjp(q, k_bad, v_bad, seg, do, dlse, causal=True, block_sizes=bs)
-    visits_j = kinds[:, :, j] != fa.SKIP               # [B, nq]
+    visits_j = kinds[:, :, j] != bsp.SKIP               # [B, nq]
     np.testing.assert_array_equal(blocks_nan(o), visits_j)
     np.testing.assert_array_equal(blocks_nan(dq), visits_j)
 
     i = 1                                              # poison query block i
     q_bad = q.at[:, i * b:(i + 1) * b].set(jnp.nan)
     _, _, (_, dk, dv) = kernel_vjp(q_bad, k, v, seg, do, dlse, causal=True, block_sizes=bs)
-    visited_by_i = kinds[:, i, :] != fa.SKIP           # [B, nk]
+    visited_by_i = kinds[:, i, :] != bsp.SKIP           # [B, nk]
     np.testing.assert_array_equal(blocks_nan(dk), visited_by_i)
     np.testing.assert_array_equal(blocks_nan(dv), visited_by_i)
 
