@@ -130,14 +130,16 @@ def cast_frozen(params, dtype: str):
 def frozen_checksums(ref_params, rm_params) -> tuple[float, float]:
     """(reference, reward model) parameter checksums: sum of x and of x^2 over all leaves.
 
-    Compared before and after PPO; any write into a frozen model changes them.
+    Compared before and after PPO; any write into a frozen model changes them. One jitted
+    program for both (on CPU with several processes, a long queue of small eager programs,
+    each with its own cross-process reduction, was seen to deadlock the gloo collectives).
     """
     def checksum(tree):
-        leaves = jax.tree.leaves(tree)
-        total = sum(jnp.sum(x.astype(jnp.float32)) + jnp.sum(jnp.square(x.astype(jnp.float32)))
-                    for x in leaves)
-        return float(jax.device_get(total))
-    return checksum(ref_params), checksum(rm_params)
+        return sum(jnp.sum(x.astype(jnp.float32)) + jnp.sum(jnp.square(x.astype(jnp.float32)))
+                   for x in jax.tree.leaves(tree))
+    ref_sum, rm_sum = jax.device_get(jax.jit(lambda a, b: (checksum(a), checksum(b)))(
+        ref_params, rm_params))
+    return float(ref_sum), float(rm_sum)
 
 
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
@@ -306,7 +308,10 @@ def run(config: Any, workdir: str) -> dict:
                     ptx_batch = (pipeline.make_global_batch(next(ptx_batches), mesh)
                                  if ptx_batches is not None else None)
                     state, stats = update(state, exp_lib.take(experience, index), ptx_batch)
-                    update_stats.append(stats)
+                    # One update in flight at a time: CPU gloo collectives were seen to
+                    # deadlock with dozens of queued cross-process programs; on accelerators
+                    # the next update waits for this one's params anyway.
+                    update_stats.append(jax.block_until_ready(stats))
             update_stats = jax.device_get(update_stats)
             timings["time_training"] = time.perf_counter() - t0
 
