@@ -1,4 +1,5 @@
-"""Single-process behaviour of the multi-host helpers in stages/common.py (the multi-process
+"""Single-process behaviour of the multi-host helpers in stages/common.py and
+train/preemption.py (the multi-process
 paths are exercised by test_multiprocess_ppo.py)."""
 
 import os
@@ -8,6 +9,7 @@ import ml_collections
 import pytest
 
 from instructjax.stages import common
+from instructjax.train import preemption as preemption_lib
 
 
 def _dist(**kw):
@@ -27,7 +29,7 @@ def test_process_id_out_of_range_is_a_clear_error():
 
 def test_sigterm_inside_the_context_stops_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with common.Preemption() as preemption:
+    with preemption_lib.Preemption() as preemption:
         assert not preemption.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert preemption.should_stop(2)

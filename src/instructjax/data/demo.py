@@ -213,7 +213,9 @@ def sample_document(rng: random.Random) -> str:
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    tmp_path = path + ".tmp"
+    # Per-process temporary name: processes of a multi-host run sharing a workdir may write
+    # the same (identical) file at once; the atomic replace leaves one complete copy.
+    tmp_path = f"{path}.{os.getpid()}.tmp"
     with open(tmp_path, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

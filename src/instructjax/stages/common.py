@@ -6,11 +6,9 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 from typing import Any, Callable, TypeVar
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from instructjax.data import tokenizer as tok_lib
@@ -70,51 +68,6 @@ def main_process_first(fn: Callable[[], T], name: str) -> T:
         result = fn()
     multihost_utils.sync_global_devices(f"{name}:all-done")
     return result
-
-
-class Preemption:
-    """Decides, the same way on every process, that a run should save and stop.
-
-    Use as a context manager around the loop and call `should_stop(step)` once per step on
-    every process. One process: SIGTERM sets a flag (the handler is installed inside the
-    context only). Several processes with JAX's preemption service (started by
-    jax.distributed.initialize; it catches SIGTERM itself): `reached_preemption_sync_point`,
-    which makes every process answer True at the same step however the signal reached them.
-    Several processes without that service: a local SIGTERM flag OR-ed across processes
-    each step.
-    """
-
-    def __init__(self):
-        self._received = False
-        self._previous = None
-        self._sync_manager = False
-
-    def __enter__(self) -> "Preemption":
-        # jax.distributed.initialize starts the service when this option is on (default).
-        self._sync_manager = (jax.process_count() > 1 and jax.distributed.is_initialized()
-                              and bool(jax.config.jax_enable_preemption_service))
-        if not self._sync_manager:  # a Python handler would replace the service's own
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self._received = True
-
-    def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-    def should_stop(self, step: int) -> bool:
-        """True when every process should save at `step` and exit (the same on all)."""
-        from jax.experimental import multihost_utils
-        if self._sync_manager:
-            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-        if jax.process_count() > 1:
-            flags = multihost_utils.process_allgather(np.int32(self._received))
-            return bool(np.max(flags))
-        return self._received
 
 
 def build_mesh(config: Any) -> Mesh:
@@ -241,8 +194,9 @@ def init_from_stage(config: Any, workdir: str, expected: tuple[str, ...]):
 def demo_task_paths(config: Any, workdir: str) -> dict[str, str]:
     """Writes (once, deterministically) the demo dialogue task; returns its file paths."""
     from instructjax.data import demo
-    return demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
-                                seed=int(config.data.demo_seed))
+    return main_process_first(
+        lambda: demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
+                                     seed=int(config.data.demo_seed)), "demo_task")
 
 
 def stage_data_paths(config: Any, workdir: str, demo_train: str, demo_eval: str

@@ -40,7 +40,7 @@ from instructjax.rlhf import rollout
 from instructjax.stages import common, reward, sft
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import metrics as metrics_lib
-from instructjax.train import optim, state as state_lib
+from instructjax.train import optim, preemption as preemption_lib, state as state_lib
 from instructjax.train.losses import lm_loss_fn
 
 
@@ -261,7 +261,7 @@ def run(config: Any, workdir: str) -> dict:
     rng = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
     progress = metrics_lib.Progress(iterations, start, enabled=is_main, stage="ppo")
     last, done = {}, start
-    with common.Preemption() as preemption, mesh_lib.activate(mesh):
+    with preemption_lib.Preemption() as preemption, mesh_lib.activate(mesh):
         for iteration in range(start, iterations):
             it_rng = jax.random.fold_in(rng, iteration)
             gen_rng, shuffle_rng = jax.random.split(it_rng)

@@ -19,8 +19,9 @@ def corpus_paths(config: Any, workdir: str) -> tuple[list[str], list[str] | None
     """(train paths, eval paths or None) from `config.data`; the demo corpus when empty."""
     from instructjax.data import jsonl
     if not config.data.path:
-        written = demo.write_demo_corpus(os.path.join(workdir, "data", "demo"),
-                                         seed=int(config.data.demo_seed))
+        written = common.main_process_first(
+            lambda: demo.write_demo_corpus(os.path.join(workdir, "data", "demo"),
+                                           seed=int(config.data.demo_seed)), "demo_corpus")
         return [written["train"]], [written["eval"]]
     train = jsonl.resolve_paths(config.data.path)
     evals = jsonl.resolve_paths(config.data.eval_path) if config.data.eval_path else None
@@ -36,9 +37,10 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     model_cfg = common.model_config(config, tokenizer)
     model = Transformer(model_cfg)
 
-    sources = tfds_builders.build_text_source(
+    sources = common.main_process_first(lambda: tfds_builders.build_text_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        text_field=str(config.data.text_field), eval_percent=int(config.data.eval_percent))
+        text_field=str(config.data.text_field), eval_percent=int(config.data.eval_percent)),
+        "tfds")
     seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
     if seq_len > model_cfg.max_seq_len:
         raise common.StageError(

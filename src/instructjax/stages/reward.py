@@ -119,9 +119,9 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
 
     train_paths, eval_paths = common.stage_data_paths(config, workdir, "comparisons_train",
                                                       "comparisons_eval")
-    sources = dialogue_sources.build_comparison_source(
+    sources = common.main_process_first(lambda: dialogue_sources.build_comparison_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=int(config.data.eval_percent))
+        eval_percent=int(config.data.eval_percent)), "tfds")
     seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
     k = _num_responses(config, sources)
     to_example = functools.partial(comparison_example, tokenizer=tokenizer, template=template,

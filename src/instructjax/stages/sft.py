@@ -54,9 +54,9 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     template = chat_template(config)
 
     train_paths, eval_paths = common.stage_data_paths(config, workdir, "sft_train", "sft_eval")
-    sources = dialogue_sources.build_sft_source(
+    sources = common.main_process_first(lambda: dialogue_sources.build_sft_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=int(config.data.eval_percent))
+        eval_percent=int(config.data.eval_percent)), "tfds")
 
     seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
     to_document = functools.partial(
@@ -76,7 +76,8 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
         extra_eval = functools.partial(true_score_lib.evaluate, model=model,
                                        tokenizer=tokenizer, template=template,
                                        prompts=prompts, eval_cfg=config.eval,
-                                       max_turns=int(config.chat.max_turns), seed=int(config.seed))
+                                       max_turns=int(config.chat.max_turns),
+                                       seed=int(config.seed), mesh=mesh)
 
     def init_params_boxed(rng):
         return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]

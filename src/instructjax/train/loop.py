@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -23,6 +22,7 @@ from instructjax.parallel import mesh as mesh_lib
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import optim, state as state_lib, step as step_lib
+from instructjax.train import preemption as preemption_lib
 
 
 @dataclasses.dataclass
@@ -55,26 +55,6 @@ class LoopResult:
     finished: bool
     preempted: bool = False
     skipped: bool = False
-
-
-class _SigtermFlag:
-    """Records SIGTERM so the loop can save a checkpoint and exit 0 at a step boundary."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.received = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
-        return False
 
 
 def _evaluate(eval_step, params, eval_batches: list[dict], mesh: Mesh) -> dict:
@@ -160,7 +140,8 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
     if start_step == 0:
         run_eval(state.params, 0)
     preempted = False
-    with _SigtermFlag() as sigterm:
+    multi_process_cpu = jax.process_count() > 1 and jax.default_backend() == "cpu"
+    with preemption_lib.Preemption() as preemption:
         while step < total_steps:
             host_batch = next(train_batches)
             if train_step is None:
@@ -173,6 +154,10 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 state, metrics = train_step(state, batch)
             step += 1
 
+            if multi_process_cpu:
+                # CPU collectives across processes deadlock when many cross-process programs
+                # are queued (measured: 30 fine, 100 hung), so run one step at a time there.
+                jax.block_until_ready(state)
             if step % log_every == 0 or step == total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -187,10 +172,11 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 run_eval(state.params, step)
 
             finished = step == total_steps
-            if finished or step % int(train_cfg.checkpoint_every) == 0 or sigterm.received:
+            stop = preemption.should_stop(step)  # the same answer on every process
+            if finished or step % int(train_cfg.checkpoint_every) == 0 or stop:
                 checkpointer.save(step, state, {"data_state": train_batches.get_state(),
                                                 "finished": finished, "stage": task.name})
-            if sigterm.received and not finished:
+            if stop and not finished:
                 preempted = True
                 if is_main:
                     print(f"[{task.name}] SIGTERM: saved step {step}, exiting", flush=True)
