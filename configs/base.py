@@ -72,6 +72,9 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         critic="shared",           # shared (value head on the policy trunk) | separate (from the RM)
         critic_learning_rate=5e-5,
         frozen_dtype="float32",    # dtype of the frozen reference and reward models
+        # train: decode from the training params as sharded | gathered: from a copy in
+        # model.dtype gathered over fsdp, made once per iteration (no per-token weight gather)
+        rollout_weights="train",
     ))
 
     # Generation-based evaluation (true score of greedy and sampled answers on held-out

@@ -9,6 +9,10 @@ Mesh: data 1 x fsdp 8 x tensor 8 = 64 devices. Tensor parallelism (heads, kv hea
 vocab) stays inside a node's NVLink domain; FSDP (ZeRO-3 over `embed`) spans the 8 nodes;
 batch dims split 8 ways. Compute bfloat16 (model.dtype), logits and losses float32, remat
 "full" on every scanned layer.
+Rollout: decodes from a bf16 copy of the policy gathered over fsdp once per iteration
+(ppo.rollout_weights="gathered", 2.6 GB per device): decoding from the fsdp-sharded float32
+weights would all-gather them across nodes for every generated token (~4.5 GB per device
+per token).
 Sizes: 128 prompts x 4 samples = 512 rollout rows per iteration, prompts up to 512 tokens,
 responses up to 512 (S = 1024). Rollout micro-batch: all 512 rows in one generate (the KV
 cache is ~1.2 GB per device, no need to split). Log-prob micro-batch = update minibatch =
@@ -37,7 +41,7 @@ def get_config():
     config.ppo.update(dict(
         prompts_per_iteration=128, num_samples=4, minibatch_size=64, epochs=2,
         max_prompt_len=512, max_new_tokens=512, temperature=1.0,
-        frozen_dtype="bfloat16", critic="shared",
+        frozen_dtype="bfloat16", critic="shared", rollout_weights="gathered",
         kl_controller="fixed", init_kl_coef=0.02))  # InstructGPT's beta
     config.eval.update(dict(num_prompts=256, batch_size=256, max_prompt_len=512,
                             max_new_tokens=512))

@@ -27,7 +27,8 @@ def get_config():
     config.ppo.update(dict(
         prompts_per_iteration=64, num_samples=4, minibatch_size=32, epochs=2,
         max_prompt_len=512, max_new_tokens=512, temperature=1.0,
-        frozen_dtype="bfloat16", critic="shared", kl_controller="fixed", init_kl_coef=0.02))
+        frozen_dtype="bfloat16", critic="shared", rollout_weights="gathered",
+        kl_controller="fixed", init_kl_coef=0.02))
     config.eval.update(dict(num_prompts=256, batch_size=128, max_prompt_len=512,
                             max_new_tokens=512))
     config.train.update(dict(steps=500, learning_rate=3e-6, warmup_steps=10, decay="constant",

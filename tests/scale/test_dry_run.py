@@ -91,8 +91,11 @@ def test_too_big_config_fails_naming_the_program(tmp_path):
 
 
 def test_ppo_dry_run_compiles_every_phase(tmp_path):
+    # shared critic (a value head) and decoding from the fsdp-gathered copy: the rollout's
+    # argument bytes are checked against the closed form of that copy
     out, report = dry_run("configs/ppo_tiny.py", tmp_path, *PPO_SMALL,
-                          "--config.hardware.memory_per_device_gb=1.0")
+                          "--config.hardware.memory_per_device_gb=1.0",
+                          "--config.ppo.critic=shared", "--config.ppo.rollout_weights=gathered")
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(report["programs"]) == {"rollout", "policy_forward", "reference_forward",
                                        "reward_forward", "ppo_update"}

@@ -187,3 +187,48 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
+
+
+def spec_without_axis(spec: P, axis: str) -> P:
+    """`spec` with mesh axis `axis` removed from every dimension (that dim replicated on it).
+
+    P('fsdp', 'tensor') -> P(None, 'tensor'); P(('data', 'fsdp'), None) -> P('data', None).
+    """
+    def drop(entry):
+        if entry is None:
+            return None
+        kept = tuple(name for name in (entry if isinstance(entry, tuple) else (entry,))
+                     if name != axis)
+        return kept if len(kept) > 1 else (kept[0] if kept else None)
+    return P(*(drop(entry) for entry in spec))
+
+
+def decoding_shardings(shardings: Any) -> Any:
+    """Param shardings for token-by-token decoding: the same, gathered over the fsdp axis.
+
+    FSDP shards weights so that a training step gathers each layer once per batch of
+    thousands of tokens; a decode step would repeat that gather for every generated token.
+    Decoding from a copy replicated over fsdp (still split over tensor) gathers once per
+    rollout instead.
+    """
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, spec_without_axis(s.spec, "fsdp")),
+                        shardings)
+
+
+def decoding_copy(params: Any, dtype: Any) -> Any:
+    """A copy of `params` in `dtype` (e.g. the model's bf16 compute dtype), fsdp-gathered.
+
+    Args:
+        params: pytree of sharded jax.Arrays (NamedSharding).
+        dtype: floating dtype of the copy; integer leaves keep theirs.
+
+    Returns:
+        The same pytree, floating leaves in `dtype`, laid out by `decoding_shardings`.
+    """
+    out_shardings = decoding_shardings(jax.tree.map(lambda x: x.sharding, params))
+    dtype = np.dtype(dtype)
+
+    def cast(tree):
+        return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating)
+                            else x, tree)
+    return jax.jit(cast, out_shardings=out_shardings)(params)

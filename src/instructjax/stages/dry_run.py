@@ -171,6 +171,14 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
     ref = aot.cast_abstract(_params(ref_model, mesh), frozen)
     rm_params = aot.cast_abstract(_params(rm, mesh), frozen)
     policy_params = ac.policy_params(state.params)
+    # what the rollout decodes from (ppo.rollout_weights): the training params, or a copy in
+    # the compute dtype gathered over fsdp, which a rollout holds beside the training state
+    gathered = str(p.rollout_weights) == "gathered"
+    rollout_params = policy_params
+    if gathered:
+        rollout_params = aot.cast_abstract(aot.with_shardings(
+            policy_params, mesh_lib.decoding_shardings(
+                jax.tree.map(lambda a: a.sharding, policy_params))), jnp.dtype(cfg.dtype))
 
     # closed form
     lm, head = mm.transformer_split(cfg), mm.transformer_split(cfg, scalar_heads=1)
@@ -183,6 +191,9 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
           "experience_buffer": mm.batch_bytes_per_device(rows, (2 * S + 5 * N) * 4, ms),
           "kv_cache": mm.kv_cache_bytes_per_device(cfg, rows, S - 1, ms,
                                                    jnp.dtype(cfg.dtype).itemsize)}
+    rollout_weight_bytes = (mm.param_bytes_per_device(lm, dataclasses.replace(ms, fsdp=1),
+                                                      jnp.dtype(cfg.dtype).itemsize)
+                            if gathered else mm.param_bytes_per_device(lm, ms, 4))
     seq_in = mm.batch_bytes_per_device(rows if not twin else M, 2 * S * 4, ms)
     # the reward model never reads an untied LM head, and XLA does not count unread arguments
     unread_head = 0.0 if cfg.tie_embeddings else mm.param_bytes_per_device(
@@ -222,10 +233,10 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
                                    sharding=mesh_lib.replicated(mesh))
         programs.append(Program(
             "rollout", generate,
-            (policy_params, _batch((prompts, P), jnp.int32, mesh),
+            (rollout_params, _batch((prompts, P), jnp.int32, mesh),
              _batch((prompts, P), jnp.int32, mesh), rng),
-            holds=("policy_params",),
-            closed_form_argument_bytes=mm.param_bytes_per_device(lm, ms, 4)
+            holds=() if gathered else ("policy_params",),  # the copy is its own argument
+            closed_form_argument_bytes=rollout_weight_bytes
             + mm.batch_bytes_per_device(prompts, 2 * P * 4, ms) + 8))
     else:
         cache_shardings = nn.logical_to_mesh_sharding(
@@ -243,10 +254,10 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
                                       kv_mask=kv_mask)
 
         kv_mask = _batch((rows, S - 1), jnp.int32, mesh)
-        programs.append(Program("rollout", prefill, (policy_params, _batch((rows, P), jnp.int32, mesh),
+        programs.append(Program("rollout", prefill, (rollout_params, _batch((rows, P), jnp.int32, mesh),
                                                      _batch((rows, P), jnp.int32, mesh), kv_mask)))
         programs.append(Program("rollout", decode,
-                                (policy_params, cache, _batch((rows, 1), jnp.int32, mesh),
+                                (rollout_params, cache, _batch((rows, 1), jnp.int32, mesh),
                                  _batch((rows, 1), jnp.int32, mesh), kv_mask), calls=N - 1))
     programs += [
         Program("policy_forward", exp_lib.make_policy_forward(model, hp),

@@ -86,9 +86,22 @@ def check_sizes(config: Any, num_processes: int = 1, batch_shards: int = 1) -> t
     if float(p.ptx_coef) > 0 and int(p.ptx_batch_size) % (num_processes * batch_shards):
         raise common.StageError(f"ppo.ptx_batch_size={p.ptx_batch_size} must divide over "
                                 f"{num_processes} processes and {batch_shards} batch shards")
+    if p.rollout_weights not in ROLLOUT_WEIGHTS:
+        raise common.StageError(f"ppo.rollout_weights={p.rollout_weights!r}; valid: "
+                                f"{ROLLOUT_WEIGHTS}")
     if p.critic not in ac.CRITICS:
         raise common.StageError(f"ppo.critic={p.critic!r}; valid: {ac.CRITICS}")
     return batch, batch // int(p.minibatch_size)
+
+
+ROLLOUT_WEIGHTS = ("train", "gathered")
+
+
+def make_rollout_params(config: Any, policy_cfg) -> Any:
+    """params -> the policy weights the rollout decodes from (`ppo.rollout_weights`)."""
+    if config.ppo.rollout_weights == "gathered":
+        return lambda params: mesh_lib.decoding_copy(ac.policy_params(params), policy_cfg.dtype)
+    return ac.policy_params
 
 
 def make_tx(config: Any, total_updates: int) -> optax.GradientTransformation:
@@ -238,6 +251,7 @@ def run(config: Any, workdir: str) -> dict:
     reward_forward = exp_lib.make_reward_forward(rm, hp)
     advantages_fn = exp_lib.make_advantages(hp)
     policy_model = Transformer(policy_cfg)  # the policy's trunk alone, for sampling
+    rollout_params = make_rollout_params(config, policy_cfg)
     ptx_loss = lm_loss_fn(policy_model) if ptx_batches is not None else None
     update = exp_lib.make_update(model, tx, hp, ptx_loss)
     frozen_before = frozen_checksums(ref_params, rm_params)
@@ -271,7 +285,7 @@ def run(config: Any, workdir: str) -> dict:
             t0 = time.perf_counter()
             prompts = pipeline.make_global_batch(next(prompt_batches), mesh)
             out = rollout.generate(
-                policy_model, ac.policy_params(state.params), prompts["tokens"], prompts["mask"],
+                policy_model, rollout_params(state.params), prompts["tokens"], prompts["mask"],
                 gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
                 temperature=hp.temperature, top_k=int(config.ppo.top_k),
                 top_p=float(config.ppo.top_p), greedy=False, eos_id=tokenizer.eos_id,
