@@ -194,9 +194,8 @@ def init_from_stage(config: Any, workdir: str, expected: tuple[str, ...]):
 def demo_task_paths(config: Any, workdir: str) -> dict[str, str]:
     """Writes (once, deterministically) the demo dialogue task; returns its file paths."""
     from instructjax.data import demo
-    return main_process_first(
-        lambda: demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
-                                     seed=int(config.data.demo_seed)), "demo_task")
+    return demo.write_demo_task(os.path.join(workdir, "data", "demo_task"),
+                                seed=int(config.data.demo_seed))
 
 
 def stage_data_paths(config: Any, workdir: str, demo_train: str, demo_eval: str
