@@ -26,7 +26,9 @@ def test_decoding_copy_on_eight_devices():
         mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
         w = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("fsdp", "tensor")))
         n = jax.device_put(jnp.arange(8), NamedSharding(mesh, P("fsdp")))
-        copy = mesh_lib.decoding_copy({"w": w, "n": n}, "bfloat16")
+        params = {"w": w, "n": n}
+        copy = mesh_lib.make_decoding_copy(jax.tree.map(lambda x: x.sharding, params),
+                                           "bfloat16")(params)
         assert copy["w"].dtype == jnp.bfloat16 and copy["n"].dtype == n.dtype
         assert copy["w"].sharding.spec == P(None, "tensor"), copy["w"].sharding.spec
         assert copy["n"].sharding.spec == P(None)

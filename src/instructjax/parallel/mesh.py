@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -215,20 +215,22 @@ def decoding_shardings(shardings: Any) -> Any:
                         shardings)
 
 
-def decoding_copy(params: Any, dtype: Any) -> Any:
-    """A copy of `params` in `dtype` (e.g. the model's bf16 compute dtype), fsdp-gathered.
+def make_decoding_copy(param_shardings: Any, dtype: Any) -> Callable[[Any], Any]:
+    """A jitted params -> copy in `dtype` (e.g. the model's bf16 compute dtype), fsdp-gathered.
+
+    Built once per run and called once per rollout (one compile, not one per call).
 
     Args:
-        params: pytree of sharded jax.Arrays (NamedSharding).
+        param_shardings: pytree of the params' NamedShardings.
         dtype: floating dtype of the copy; integer leaves keep theirs.
 
     Returns:
-        The same pytree, floating leaves in `dtype`, laid out by `decoding_shardings`.
+        A function mapping a params pytree of sharded jax.Arrays to the same pytree, floating
+        leaves in `dtype`, laid out by `decoding_shardings`.
     """
-    out_shardings = decoding_shardings(jax.tree.map(lambda x: x.sharding, params))
     dtype = np.dtype(dtype)
 
     def cast(tree):
         return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating)
                             else x, tree)
-    return jax.jit(cast, out_shardings=out_shardings)(params)
+    return jax.jit(cast, out_shardings=decoding_shardings(param_shardings))

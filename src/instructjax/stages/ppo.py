@@ -97,10 +97,14 @@ def check_sizes(config: Any, num_processes: int = 1, batch_shards: int = 1) -> t
 ROLLOUT_WEIGHTS = ("train", "gathered")
 
 
-def make_rollout_params(config: Any, policy_cfg) -> Any:
-    """params -> the policy weights the rollout decodes from (`ppo.rollout_weights`)."""
+def make_rollout_params(config: Any, policy_cfg, param_shardings) -> Any:
+    """params -> the policy weights the rollout decodes from (`ppo.rollout_weights`).
+
+    param_shardings: NamedShardings of the actor-critic params (the training state's).
+    """
     if config.ppo.rollout_weights == "gathered":
-        return lambda params: mesh_lib.decoding_copy(ac.policy_params(params), policy_cfg.dtype)
+        copy = mesh_lib.make_decoding_copy(ac.policy_params(param_shardings), policy_cfg.dtype)
+        return lambda params: copy(ac.policy_params(params))
     return ac.policy_params
 
 
@@ -251,7 +255,7 @@ def run(config: Any, workdir: str) -> dict:
     reward_forward = exp_lib.make_reward_forward(rm, hp)
     advantages_fn = exp_lib.make_advantages(hp)
     policy_model = Transformer(policy_cfg)  # the policy's trunk alone, for sampling
-    rollout_params = make_rollout_params(config, policy_cfg)
+    rollout_params = make_rollout_params(config, policy_cfg, shardings.params)
     ptx_loss = lm_loss_fn(policy_model) if ptx_batches is not None else None
     update = exp_lib.make_update(model, tx, hp, ptx_loss)
     frozen_before = frozen_checksums(ref_params, rm_params)
