@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from instructjax.data import demo, dialogue_sources, formats
+from instructjax.data import chat_encoding, demo, dialogue_sources, formats
 
 KINDS = {"sft_train": "sft", "sft_eval": "sft", "comparisons_train": "comparison",
          "comparisons_eval": "comparison", "prompts_train": "prompt", "prompts_eval": "prompt",
@@ -114,9 +114,9 @@ def test_true_score_hand_cases():
         assert demo.true_score(problem, no_number) == 0.0
     # The problem may come as text: a question or a whole rendered prompt (last question).
     assert demo.true_score("7 加 5 等于多少？", "12") == 1.0
-    prompt = formats.render_prompt((formats.Turn("user", "What is 1 plus 1?"),
-                                    formats.Turn("assistant", "2"),
-                                    formats.Turn("user", "What is 9 minus 4?")))
+    prompt = chat_encoding.render_prompt((formats.Turn("user", "What is 1 plus 1?"),
+                                          formats.Turn("assistant", "2"),
+                                          formats.Turn("user", "What is 9 minus 4?")))
     assert demo.true_score(prompt, "5") == 1.0 and demo.true_score(prompt, "2") < 1.0
     assert demo.true_score(formats.Prompt((formats.Turn("user", "20 减 20 等于多少？"),)),
                            "0") == 1.0
@@ -159,10 +159,10 @@ def test_pretraining_corpus_shows_the_dialogue_format():
     dialogues = [d for d in docs if d.startswith("用户：")]
     arithmetic = [d for d in dialogues if re.search(r"等于多少？|What is \d+", d)]
     assert len(arithmetic) > 10
-    for d in arithmetic:  # correct answers, rendered exactly as formats renders turns
+    for d in arithmetic:  # correct answers, rendered exactly as chat_encoding renders turns
         lines = d.split("\n")
         pairs = [(lines[i][3:], lines[i + 1][3:]) for i in range(0, len(lines), 2)]
-        assert formats.render_dialogue(demo._turns(pairs)) == d
+        assert chat_encoding.render_dialogue(demo._turns(pairs)) == d
         for question, answer in pairs:
             if re.search(r"等于多少？|What is \d+ (plus|minus)", question):
                 assert demo.true_score(question, answer) == 1.0

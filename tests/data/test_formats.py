@@ -1,5 +1,5 @@
-"""Tests for data/formats.py (parsing, rendering, truncation, encoding) and
-data/dialogue_sources.py (TFDS round trips)."""
+"""Tests for data/formats.py (parsing), data/chat_encoding.py (rendering, truncation,
+encoding) and data/dialogue_sources.py (TFDS round trips)."""
 
 import json
 import os
@@ -12,9 +12,10 @@ import warnings
 import numpy as np
 import pytest
 
-from instructjax.data import demo, dialogue_sources, formats, jsonl, pipeline
+from instructjax.data import chat_encoding, demo, dialogue_sources, formats, jsonl, pipeline
 from instructjax.data import tokenizer as tok_lib
-from instructjax.data.formats import ChatTemplate, Comparison, Dialogue, Prompt, Turn
+from instructjax.data.chat_encoding import ChatTemplate
+from instructjax.data.formats import Comparison, Dialogue, Prompt, Turn
 
 SHARED = "/work/shared/data"
 HH_FILE = os.path.join(SHARED, "hh-rlhf", "harmless-base_test.jsonl.gz")
@@ -55,16 +56,16 @@ def tok(tmp_path_factory):
 def test_golden_single_and_multi_turn():
     t = ChatTemplate()
     single = turns((U, "你好"), (A, "你好！有什么可以帮你？"))
-    assert formats.render_dialogue(single, t) == "用户：你好\n小元：你好！有什么可以帮你？"
-    assert formats.render_prompt(single[:1], t) == "用户：你好\n小元："
+    assert chat_encoding.render_dialogue(single, t) == "用户：你好\n小元：你好！有什么可以帮你？"
+    assert chat_encoding.render_prompt(single[:1], t) == "用户：你好\n小元："
     multi = turns((U, "1 加 2 等于多少？"), (A, "等于 3。"), (U, "再加 4 呢？"))
-    assert formats.render_prompt(multi, t) == \
+    assert chat_encoding.render_prompt(multi, t) == \
         "用户：1 加 2 等于多少？\n小元：等于 3。\n用户：再加 4 呢？\n小元："
-    assert formats.render_dialogue(multi[:2]) == "用户：1 加 2 等于多少？\n小元：等于 3。"
+    assert chat_encoding.render_dialogue(multi[:2]) == "用户：1 加 2 等于多少？\n小元：等于 3。"
 
 
 def test_full_width_colon_and_no_trailing_space():
-    text = formats.render_prompt(turns((U, "hi")))
+    text = chat_encoding.render_prompt(turns((U, "hi")))
     assert text.endswith("小元：") and "\uff1a" in text and ":" not in text
     assert ChatTemplate().cue == "小元\uff1a"
 
@@ -72,11 +73,11 @@ def test_full_width_colon_and_no_trailing_space():
 def test_custom_roles_and_system_turn():
     hh = ChatTemplate(user="Human", assistant="Assistant", sep="\n\n", colon=": ")
     ctx = turns((U, "hi"), (A, "hello"), (U, "bye?"))
-    assert formats.render_prompt(ctx, hh) == \
+    assert chat_encoding.render_prompt(ctx, hh) == \
         "Human: hi\n\nAssistant: hello\n\nHuman: bye?\n\nAssistant: "
     with_system = turns((S, "你是小元。"), (U, "你好"))
-    assert formats.render_prompt(with_system) == "你是小元。\n用户：你好\n小元："
-    assert formats.render_prompt(with_system, ChatTemplate(system="系统")) == \
+    assert chat_encoding.render_prompt(with_system) == "你是小元。\n用户：你好\n小元："
+    assert chat_encoding.render_prompt(with_system, ChatTemplate(system="系统")) == \
         "系统：你是小元。\n用户：你好\n小元："
     with pytest.raises(ValueError, match="two different non-empty role names"):
         ChatTemplate(user="小元")
@@ -91,7 +92,7 @@ def _parse(record, kind, fmt="auto"):
 def test_parse_pclue_and_messages():
     d = _parse({"input": "问题？\n答案：", "target": "是的", "type": "nli"}, "sft")
     assert d == Dialogue(turns((U, "问题？\n答案："), (A, "是的")))
-    assert formats.render_dialogue(d.turns) == "用户：问题？\n答案：\n小元：是的"
+    assert chat_encoding.render_dialogue(d.turns) == "用户：问题？\n答案：\n小元：是的"
     msgs = [{"role": "system", "content": "规则"}, {"role": "user", "content": "q1"},
             {"role": "assistant", "content": "a1", "name": "x"},
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": ""}]
@@ -296,15 +297,15 @@ DIALOGUES = [
 
 @pytest.mark.parametrize("dialogue", DIALOGUES)
 def test_sft_tokens_decode_to_rendered_text_and_mask_answers(tok, dialogue):
-    tokens, weights = formats.encode_sft(dialogue, tok, max_length=256)
+    tokens, weights = chat_encoding.encode_sft(dialogue, tok, max_length=256)
     assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id and weights[0] == 0
-    assert tok.decode(tokens) == formats.render_dialogue(dialogue.turns)
+    assert tok.decode(tokens) == chat_encoding.render_dialogue(dialogue.turns)
     answers = [t.content for t in dialogue.turns if t.role == A]
     runs = _runs(tokens, weights)
     assert [tok.decode(r) for r in runs] == [a for a in answers[:-1] if a] + [answers[-1]]
     assert runs[-1][-1] == tok.eos_id and set(weights) <= {0.0, 1.0}
     # "last": only the final answer and EOS.
-    tokens_l, weights_l = formats.encode_sft(dialogue, tok, max_length=256, train_on="last")
+    tokens_l, weights_l = chat_encoding.encode_sft(dialogue, tok, max_length=256, train_on="last")
     assert tokens_l == tokens
     assert [tok.decode(r) for r in _runs(tokens_l, weights_l)] == [answers[-1]]
     assert _runs(tokens_l, weights_l)[-1][-1] == tok.eos_id
@@ -316,16 +317,17 @@ def test_sft_tokens_decode_to_rendered_text_and_mask_answers(tok, dialogue):
 
 def test_span_encoding_concatenates_to_the_whole_text(tok):
     for d in DIALOGUES:
-        pieces = [tok.encode(t) for t, _ in formats._spans(d.turns, ChatTemplate(), cue=False)]
-        assert tok.decode([i for p in pieces for i in p]) == formats.render_dialogue(d.turns)
+        pieces = [tok.encode(t)
+                  for t, _ in chat_encoding._spans(d.turns, ChatTemplate(), cue=False)]
+        assert tok.decode([i for p in pieces for i in p]) == chat_encoding.render_dialogue(d.turns)
     # A single-turn prompt encodes exactly like its rendered text.
     prompt = Prompt(turns((U, "3 加 5 等于多少？")))
-    assert formats.encode_prompt(prompt, tok, max_length=64) == \
+    assert chat_encoding.encode_prompt(prompt, tok, max_length=64) == \
         [tok.bos_id] + tok.encode("用户：3 加 5 等于多少？\n小元：")
 
 
 def test_packed_sft_loss_mask_selects_exactly_answers_and_eos(tok):
-    examples = [formats.encode_sft(d, tok, max_length=256, train_on=mode)
+    examples = [chat_encoding.encode_sft(d, tok, max_length=256, train_on=mode)
                 for d in DIALOGUES for mode in ("all", "last")]
     packed = pipeline.pack_documents([t for t, _ in examples], [w for _, w in examples],
                                      seq_len=128)
@@ -349,30 +351,31 @@ LONG = Dialogue(turns(*[(U, f"问题 {i}：{i} 加 {i} 等于多少？") if j ==
 def test_truncation_by_max_turns(tok):
     ctx = LONG.turns[:-1]
     for n in (1, 2, 6, 10):
-        kept = formats.truncate_context(ctx, tok, ChatTemplate(), max_tokens=None, max_turns=n)
+        kept = chat_encoding.truncate_context(ctx, tok, ChatTemplate(), max_tokens=None,
+                                              max_turns=n)
         assert kept == ctx[-(2 * min(n, 6) - 1):]
-    tokens, weights = formats.encode_sft(LONG, tok, max_length=512, max_turns=2)
-    assert tok.decode(tokens) == formats.render_dialogue(LONG.turns[-4:])
+    tokens, weights = chat_encoding.encode_sft(LONG, tok, max_length=512, max_turns=2)
+    assert tok.decode(tokens) == chat_encoding.render_dialogue(LONG.turns[-4:])
     assert len(_runs(tokens, weights)) == 2
     with pytest.raises(ValueError, match="max_turns"):
-        formats.truncate_context(ctx, tok, ChatTemplate(), max_tokens=None, max_turns=0)
+        chat_encoding.truncate_context(ctx, tok, ChatTemplate(), max_tokens=None, max_turns=0)
 
 
 def test_truncation_by_length_drops_oldest_exchanges_first(tok):
-    full_tokens, _ = formats.encode_sft(LONG, tok, max_length=1024)
+    full_tokens, _ = chat_encoding.encode_sft(LONG, tok, max_length=1024)
     seen = set()
     for max_length in [*range(20, len(full_tokens), 7), len(full_tokens)]:
-        tokens, weights = formats.encode_sft(LONG, tok, max_length=max_length)
+        tokens, weights = chat_encoding.encode_sft(LONG, tok, max_length=max_length)
         assert len(tokens) <= max_length and tokens[-1] == tok.eos_id
         text = tok.decode(tokens)
         assert text.endswith("\n小元：5 加 5 等于 10。")
         # What is kept is a suffix of whole exchanges, as long as possible.
-        kept = [k for k in range(6) if formats.render_dialogue(LONG.turns[2 * k:]) == text]
+        kept = [k for k in range(6) if chat_encoding.render_dialogue(LONG.turns[2 * k:]) == text]
         seen.add(min(kept, default=-1))
         if kept:
             k = kept[0]
-            assert k == 0 or len(formats.encode_sft(Dialogue(LONG.turns[2 * (k - 1):]), tok,
-                                                     max_length=1024)[0]) > max_length
+            assert k == 0 or len(chat_encoding.encode_sft(Dialogue(LONG.turns[2 * (k - 1):]),
+                                                          tok, max_length=1024)[0]) > max_length
         else:  # even the last exchange is too long: its question is cut from the left
             assert text.startswith("用户：") and "问题 5" not in text
             assert text.endswith("等于多少？\n小元：5 加 5 等于 10。")
@@ -384,25 +387,25 @@ def test_long_last_question_is_cut_from_the_left(tok):
     question = "很长的背景。" * 40 + "最后的问题：3 加 5 等于多少？"
     prompt = Prompt(turns((S, "系统说明" * 10), (U, "早先的问题"), (A, "早先的回答"),
                           (U, question)))
-    ids = formats.encode_prompt(prompt, tok, max_length=40)
+    ids = chat_encoding.encode_prompt(prompt, tok, max_length=40)
     text = tok.decode(ids)
     assert len(ids) <= 40 and ids[0] == tok.bos_id
     assert text.startswith("用户：") and text.endswith("最后的问题：3 加 5 等于多少？\n小元：")
     assert "系统说明" not in text and "早先" not in text
     assert question.endswith(text[len("用户："):-len("\n小元：")])
     # A budget just big enough keeps the system turn and drops only the history.
-    no_history = len(formats.encode_prompt(Prompt(prompt.context[:1] + prompt.context[-1:]),
-                                           tok, max_length=10_000))
-    kept = formats.truncate_context(prompt.context, tok, ChatTemplate(),
-                                    max_tokens=no_history - 1)
+    no_history = len(chat_encoding.encode_prompt(
+        Prompt(prompt.context[:1] + prompt.context[-1:]), tok, max_length=10_000))
+    kept = chat_encoding.truncate_context(prompt.context, tok, ChatTemplate(),
+                                          max_tokens=no_history - 1)
     assert kept == (prompt.context[0], prompt.context[-1])
     with pytest.raises(ValueError, match="cannot hold the user prefix and the cue"):
-        formats.encode_prompt(prompt, tok, max_length=3)
+        chat_encoding.encode_prompt(prompt, tok, max_length=3)
 
 
 def test_sft_answer_too_long_is_cut_without_eos(tok):
     d = Dialogue(turns((U, "写一首诗。"), (A, "春眠不觉晓，处处闻啼鸟。" * 30)))
-    tokens, weights = formats.encode_sft(d, tok, max_length=48)
+    tokens, weights = chat_encoding.encode_sft(d, tok, max_length=48)
     assert len(tokens) == 48 and tok.eos_id not in tokens
     assert tok.decode(tokens).startswith("用户：写一首诗。\n小元：春眠")
     assert sum(weights) == 48 - len([tok.bos_id] + tok.encode("用户：写一首诗。\n小元："))
@@ -410,11 +413,11 @@ def test_sft_answer_too_long_is_cut_without_eos(tok):
 
 def test_prompt_ids_match_sft_and_comparison_prefixes(tok):
     ctx = LONG.turns[:-1]
-    prompt_ids = formats.encode_prompt(Prompt(ctx), tok, max_length=1024)
-    sft_ids, _ = formats.encode_sft(LONG, tok, max_length=1024)
+    prompt_ids = chat_encoding.encode_prompt(Prompt(ctx), tok, max_length=1024)
+    sft_ids, _ = chat_encoding.encode_sft(LONG, tok, max_length=1024)
     assert sft_ids[:len(prompt_ids)] == prompt_ids
     comparison = Comparison(ctx, ("10", "5 加 5 等于 10。", "不知道"), (1, 0, 2))
-    tokens, lengths, order = formats.encode_comparison(comparison, tok, max_length=1024)
+    tokens, lengths, order = chat_encoding.encode_comparison(comparison, tok, max_length=1024)
     for k, response in enumerate(comparison.responses):
         row = tokens[k, :lengths[k]].tolist()
         assert row == prompt_ids + tok.encode(response) + [tok.eos_id]
@@ -424,7 +427,7 @@ def test_prompt_ids_match_sft_and_comparison_prefixes(tok):
 def test_encode_comparison_shapes_padding_and_truncation(tok):
     ctx = LONG.turns[:-1]
     comparison = Comparison(ctx, ("10", "很长的回答。" * 50, ""), (0, 2, 1))
-    tokens, lengths, order = formats.encode_comparison(comparison, tok, max_length=64)
+    tokens, lengths, order = chat_encoding.encode_comparison(comparison, tok, max_length=64)
     assert tokens.shape == (3, 64) and tokens.dtype == np.int32
     assert lengths.dtype == np.int32 and order.dtype == np.int32
     assert lengths[1] == 64 and order.tolist() == [0, 2, 1]
@@ -439,10 +442,10 @@ def test_encode_comparison_shapes_padding_and_truncation(tok):
     assert texts[2] == prompt and texts[1].startswith(prompt + "很长的回答。")
     # With a long answer the prompt gets half of the room after BOS and EOS (31 ids here):
     # the last exchange fits it, the last two do not.
-    assert len(tok.encode(prompt)) <= 31 < len(formats.encode_prompt(Prompt(ctx[-3:]), tok,
-                                                                     max_length=1024)) - 1
-    batch = formats.collate_comparisons(
-        [(tokens, lengths, order), formats.encode_comparison(
+    assert len(tok.encode(prompt)) <= 31 < len(chat_encoding.encode_prompt(
+        Prompt(ctx[-3:]), tok, max_length=1024)) - 1
+    batch = chat_encoding.collate_comparisons(
+        [(tokens, lengths, order), chat_encoding.encode_comparison(
             Comparison(ctx[-1:], ("a", "b"), (1, 0)), tok, max_length=64)])
     assert batch["tokens"].shape == (2, 3, 64) and batch["lengths"][1].tolist()[2] == 0
     assert batch["ranks"].tolist() == [[0, 2, 1], [1, 0, -1]]
@@ -499,8 +502,8 @@ def test_modules_import_without_grain_and_tfds():
         import sys
         sys.modules["grain"] = None  # makes `import grain` raise ImportError
         sys.modules["tensorflow_datasets"] = None
-        from instructjax.data import demo, dialogue_sources, formats
-        print(formats.render_prompt((formats.Turn("user", "q"),)) == "用户：q\\n小元：")
+        from instructjax.data import chat_encoding, demo, dialogue_sources, formats
+        print(chat_encoding.render_prompt((formats.Turn("user", "q"),)) == "用户：q\\n小元：")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120, check=False)
@@ -517,7 +520,7 @@ def test_sft_source_through_grain_and_the_packing_iterator(tmp_path, tok):
     source = source["train"]
 
     def to_document(dialogue):
-        tokens, weights = formats.encode_sft(dialogue, tok, max_length=96)
+        tokens, weights = chat_encoding.encode_sft(dialogue, tok, max_length=96)
         return {"tokens": np.asarray(tokens, np.int32),
                 "loss_weights": np.asarray(weights, np.float32)}
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from instructjax.data import formats, jsonl
+from instructjax.data import chat_encoding, formats, jsonl
 
 USER_ROLE = "用户"
 ASSISTANT_ROLE = "小元"
@@ -147,7 +147,7 @@ def sample_question_answer(rng: random.Random, lang: str) -> tuple[str, str]:
 def render_dialogue(turns: list[tuple[str, str]], user: str = USER_ROLE,
                     assistant: str = ASSISTANT_ROLE) -> str:
     """`用户：q1\\n小元：a1\\n用户：q2\\n小元：a2` for turns [(q1, a1), (q2, a2)]."""
-    return formats.render_dialogue(_turns(turns), formats.ChatTemplate(user, assistant))
+    return chat_encoding.render_dialogue(_turns(turns), chat_encoding.ChatTemplate(user, assistant))
 
 
 # ---------------------------------------------------------------------------- documents

@@ -18,16 +18,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from instructjax.data import demo, formats, pipeline
+from instructjax.data import chat_encoding, demo, formats, pipeline
 from instructjax.parallel import mesh as mesh_lib
 from instructjax.rlhf import rollout
 
 
-def encode_prompts(prompts: Sequence[formats.Prompt], tokenizer, template: formats.ChatTemplate,
-                   *, max_prompt_len: int, max_turns: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(prompts: Sequence[formats.Prompt], tokenizer,
+                   template: chat_encoding.ChatTemplate, *, max_prompt_len: int,
+                   max_turns: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> left-padded (tokens int32 [N, P], mask int32 [N, P]), P = max_prompt_len."""
-    ids = [formats.encode_prompt(p, tokenizer, template, max_length=max_prompt_len,
-                                 max_turns=max_turns) for p in prompts]
+    ids = [chat_encoding.encode_prompt(p, tokenizer, template, max_length=max_prompt_len,
+                                       max_turns=max_turns) for p in prompts]
     return pipeline.left_pad(ids, tokenizer.pad_id, max_prompt_len)
 
 
@@ -85,7 +86,7 @@ def generate_texts(model, params, tokens: np.ndarray, mask: np.ndarray, tokenize
     return texts, np.asarray(ended, bool)
 
 
-def evaluate(params, step: int, *, model, tokenizer, template: formats.ChatTemplate,
+def evaluate(params, step: int, *, model, tokenizer, template: chat_encoding.ChatTemplate,
              prompts: Sequence[formats.Prompt], eval_cfg: Any, max_turns: int,
              seed: int, mesh=None) -> dict[str, Any]:
     """{"true_score", "true_score_sampled", "eos_rate", "sample"} of `params` on `prompts`.
@@ -104,5 +105,5 @@ def evaluate(params, step: int, *, model, tokenizer, template: formats.ChatTempl
         "true_score": float(np.mean(demo.score_responses(prompts, greedy_texts))),
         "true_score_sampled": float(np.mean(demo.score_responses(prompts, sampled_texts))),
         "eos_rate": float(np.mean(ended)),
-        "sample": f"{formats.render_prompt(prompts[0].context, template)}{greedy_texts[0]}",
+        "sample": f"{chat_encoding.render_prompt(prompts[0].context, template)}{greedy_texts[0]}",
     }

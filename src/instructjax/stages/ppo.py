@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from instructjax.data import demo, dialogue_sources, formats, jsonl, pipeline, tfds_builders
+from instructjax.data import (chat_encoding, demo, dialogue_sources, formats, jsonl, pipeline,
+                              tfds_builders)
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead
 from instructjax.parallel import mesh as mesh_lib
@@ -162,8 +163,8 @@ def frozen_checksums(ref_params, rm_params) -> tuple[float, float]:
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
                    max_turns: int) -> dict[str, np.ndarray]:
     """One prompt -> left-padded {"tokens" int32 [P], "mask" int32 [P]}."""
-    ids = formats.encode_prompt(prompt, tokenizer, template, max_length=max_prompt_len,
-                                max_turns=max_turns)
+    ids = chat_encoding.encode_prompt(prompt, tokenizer, template, max_length=max_prompt_len,
+                                      max_turns=max_turns)
     tokens, mask = pipeline.left_pad([ids], tokenizer.pad_id, max_prompt_len)
     return {"tokens": tokens[0], "mask": mask[0]}
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.data import dialogue_sources, formats, pipeline
+from instructjax.data import chat_encoding, dialogue_sources, formats, pipeline
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead, reward_head_std
 from instructjax.model.transformer import Transformer
@@ -32,9 +32,9 @@ REWARD_STATS = "reward_stats.json"
 def comparison_example(comparison: formats.Comparison, *, tokenizer, template, max_length: int,
                        max_turns: int, num_responses: int) -> dict[str, np.ndarray]:
     """One comparison -> {"tokens" [K, T], "lengths" [K], "ranks" [K]} padded to K."""
-    batch = formats.collate_comparisons(
-        [formats.encode_comparison(comparison, tokenizer, template, max_length=max_length,
-                                   max_turns=max_turns)], num_responses=num_responses)
+    batch = chat_encoding.collate_comparisons(
+        [chat_encoding.encode_comparison(comparison, tokenizer, template, max_length=max_length,
+                                         max_turns=max_turns)], num_responses=num_responses)
     return {name: value[0] for name, value in batch.items()}
 
 

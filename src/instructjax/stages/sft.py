@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.data import dialogue_sources, formats, pipeline
+from instructjax.data import chat_encoding, dialogue_sources, formats, pipeline
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.transformer import Transformer
 from instructjax.stages import common
@@ -23,16 +23,18 @@ from instructjax.train import loop
 from instructjax.train.losses import lm_loss_fn
 
 
-def chat_template(config: Any) -> formats.ChatTemplate:
+def chat_template(config: Any) -> chat_encoding.ChatTemplate:
     """The ChatTemplate of `config.chat`."""
-    return formats.ChatTemplate(user=str(config.chat.user), assistant=str(config.chat.assistant))
+    return chat_encoding.ChatTemplate(user=str(config.chat.user),
+                                      assistant=str(config.chat.assistant))
 
 
-def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: formats.ChatTemplate,
+def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: chat_encoding.ChatTemplate,
                  max_length: int, max_turns: int, train_on: str) -> dict[str, np.ndarray]:
     """One dialogue -> {"tokens" int32 [n], "loss_weights" float32 [n]} for packing."""
-    tokens, weights = formats.encode_sft(dialogue, tokenizer, template, max_length=max_length,
-                                         max_turns=max_turns, train_on=train_on)
+    tokens, weights = chat_encoding.encode_sft(dialogue, tokenizer, template,
+                                               max_length=max_length, max_turns=max_turns,
+                                               train_on=train_on)
     return {"tokens": np.asarray(tokens, np.int32), "loss_weights": np.asarray(weights, np.float32)}
 
 

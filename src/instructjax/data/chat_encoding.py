@@ -1,0 +1,310 @@
+"""ChatYuan rendering, truncation and token encoding of `formats` records.
+
+Legend: K responses per comparison, T max_length.
+
+The records (`Turn`, `Dialogue`, `Comparison`, `Prompt`) and the JSON formats they are parsed
+from are in `formats`.
+
+Rendering (ChatYuan's unified text, `ChatTemplate` defaults): turns `用户：{q}` and `小元：{a}`
+joined by "\\n"; a prompt ends with the cue `小元：` (no trailing space), e.g.
+`用户：你好\\n小元：你好！\\n用户：1 加 2 等于多少？\\n小元：`. A system turn renders as its
+content alone (or `{system}：{content}` when the template names a system role).
+
+Tokens: a rendered text is encoded as the concatenation of the encodings of its maximal
+non-answer spans and of each answer (the tokenizer adds no dummy-prefix space, so this decodes
+to the whole text). Answer tokens are then exactly the loss tokens, and a prompt encodes the
+same way in SFT, reward-model and PPO sequences.
+
+Truncation (`truncate_context`): keep the last `max_turns` exchanges (an exchange is a user
+turn with the assistant answer after it; the final, unanswered user turn counts as one), then
+drop the oldest exchanges until the rendered prompt with its cue fits; then drop the system
+turn; if the last user turn alone is still too long, cut its text from the LEFT (the end holds
+the question). The cue is never cut. With an answer (SFT, comparisons), when prompt and answer
+do not both fit, the answer is cut on the right as far as needed to leave the prompt at least
+half of the room, or all of it if the prompt is shorter; the prompt is truncated to the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from instructjax.data.formats import TRAIN_ON, Comparison, Dialogue, Prompt, Turn, _check_turns
+
+
+# ------------------------------------------------------------------------------ rendering
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """How turns become text: `{user}{colon}{q}{sep}{assistant}{colon}{a}`.
+
+    `system` names the system role; empty renders a system turn as its bare content.
+    """
+    user: str = "用户"
+    assistant: str = "小元"
+    sep: str = "\n"
+    colon: str = "："
+    system: str = ""
+
+    def __post_init__(self):
+        if not self.user or not self.assistant or self.user == self.assistant:
+            raise ValueError(f"ChatTemplate needs two different non-empty role names, got "
+                             f"user={self.user!r}, assistant={self.assistant!r}")
+
+    @property
+    def cue(self) -> str:
+        """The assistant cue that ends a prompt, e.g. "小元："."""
+        return self.assistant + self.colon
+
+
+def _spans(turns: Sequence[Turn], template: ChatTemplate, cue: bool) -> list[tuple[str, bool]]:
+    """The rendered text as (text, is_answer) spans; maximal non-answer spans merged."""
+    spans: list[tuple[str, bool]] = []
+
+    def add(text: str, is_answer: bool) -> None:
+        if spans and not is_answer and not spans[-1][1]:
+            spans[-1] = (spans[-1][0] + text, False)
+        else:
+            spans.append((text, is_answer))
+
+    for i, turn in enumerate(turns):
+        lead = template.sep if i else ""
+        if turn.role == "assistant":
+            add(lead + template.cue, False)
+            add(turn.content, True)
+        elif turn.role == "user":
+            add(lead + template.user + template.colon + turn.content, False)
+        else:
+            name = template.system + template.colon if template.system else ""
+            add(lead + name + turn.content, False)
+    if cue:
+        add((template.sep if turns else "") + template.cue, False)
+    return spans
+
+
+def render_dialogue(turns: Sequence[Turn], template: ChatTemplate = ChatTemplate()) -> str:
+    """`用户：q1\\n小元：a1\\n用户：q2\\n小元：a2` (str) for the given turns."""
+    return "".join(text for text, _ in _spans(turns, template, cue=False))
+
+
+def render_prompt(context: Sequence[Turn], template: ChatTemplate = ChatTemplate()) -> str:
+    """The context rendered and followed by the cue: `...\\n用户：q\\n小元：` (str)."""
+    return "".join(text for text, _ in _spans(context, template, cue=True))
+
+
+# ------------------------------------------------------------------------------ encoding
+
+def _encode(turns: Sequence[Turn], tokenizer, template: ChatTemplate, cue: bool
+            ) -> tuple[list[int], list[bool]]:
+    """Token ids (no BOS/EOS) of the rendered turns and whether each is an answer token."""
+    ids: list[int] = []
+    is_answer: list[bool] = []
+    for text, answer in _spans(turns, template, cue):
+        piece = tokenizer.encode(text)
+        ids += piece
+        is_answer += [answer] * len(piece)
+    return ids, is_answer
+
+
+def _min_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
+    """Smallest x in [lo, hi] with pred(x), for pred monotone and pred(hi) True."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate, *,
+                     max_tokens: int | None, max_turns: int | None = None) -> tuple[Turn, ...]:
+    """The context cut so that `render_prompt` of it encodes to at most max_tokens ids.
+
+    Rules (module docstring): last `max_turns` exchanges; then oldest exchanges dropped; then
+    the system turn; then the last user turn's text cut from the left. Token counts use the
+    span encoding of `encode_prompt` without BOS.
+
+    Args:
+        context: turns ending with a user turn (e.g. `Prompt.context`).
+        tokenizer: has `encode(str) -> list[int]`.
+        template: the `ChatTemplate`.
+        max_tokens: the budget in ids; None = no token limit.
+        max_turns: exchanges to keep at most (>= 1), None = all.
+
+    Returns:
+        The kept turns (a suffix of the context, plus the system turn when it fits; only the
+        last user turn's content may be shortened).
+
+    Raises:
+        ValueError: a context not ending with a user turn, max_turns < 1, or a budget too
+            small for the role prefix and cue with an empty question.
+    """
+    context = tuple(context)
+    _check_turns(context, "user", "a context")
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"max_turns must be None or >= 1, got {max_turns}")
+    system = context[:1] if context[0].role == "system" else ()
+    rest = context[len(system):]
+    starts = [i for i, t in enumerate(rest) if t.role == "user"]  # one per exchange
+    if max_turns is not None:
+        starts = starts[-max_turns:]
+    kept = system + rest[starts[0]:]
+    if max_tokens is None:
+        return kept
+
+    def fits(turns: tuple[Turn, ...]) -> bool:
+        return len(_encode(turns, tokenizer, template, cue=True)[0]) <= max_tokens
+
+    if fits(kept):
+        return kept
+    last = system + rest[starts[-1]:]
+    if fits(last):
+        first = _min_true(0, len(starts) - 1, lambda s: fits(system + rest[starts[s]:]))
+        return system + rest[starts[first]:]
+    question = rest[-1].content
+
+    def with_text(k: int) -> tuple[Turn, ...]:
+        return (Turn("user", question[k:]),)
+
+    if system and fits(rest[-1:]):
+        return rest[-1:]
+    if not fits(with_text(len(question))):
+        raise ValueError(f"max_tokens={max_tokens} cannot hold the user prefix and the cue "
+                         f"{template.cue!r} even with an empty question")
+    return with_text(_min_true(0, len(question), lambda k: fits(with_text(k))))
+
+
+def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: ChatTemplate,
+                max_length: int, max_turns: int | None) -> tuple[list[int], list[bool], int]:
+    """(prompt ids, is_answer flags, room for answer + EOS) under the answer/prompt split."""
+    room = max_length - 1  # after BOS
+    if room < 2:
+        raise ValueError(f"max_length must be at least 3, got {max_length}")
+    turns = truncate_context(context, tokenizer, template, max_tokens=None, max_turns=max_turns)
+    ids, flags = _encode(turns, tokenizer, template, cue=True)
+    if len(ids) + answer_len + 1 > room:
+        budget = max(room - answer_len - 1, min(len(ids), (room - 1) // 2))
+        turns = truncate_context(turns, tokenizer, template, max_tokens=budget)
+        ids, flags = _encode(turns, tokenizer, template, cue=True)
+    return ids, flags, room - len(ids)
+
+
+def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTemplate(), *,
+               max_length: int, max_turns: int | None = None, train_on: str = "all"
+               ) -> tuple[list[int], list[float]]:
+    """Tokens and loss weights of one SFT dialogue: [bos] + rendered dialogue + [eos].
+
+    Args:
+        dialogue: the `Dialogue`; its last turn is the answer trained on.
+        tokenizer: has encode, bos_id, eos_id.
+        template: the `ChatTemplate`.
+        max_length: at most this many tokens (truncation rules: module docstring). When
+            the final answer has to be cut, the sequence ends without EOS (the model must not
+            learn to stop there).
+        max_turns: exchanges kept at most (the final one included), None = all.
+        train_on: "all" trains every assistant answer kept, "last" only the final one.
+
+    Returns:
+        `(tokens, weights)`: lists of n <= max_length ints and floats; `weights[j]` is the
+        weight of predicting token j (pipeline.pack_documents' convention): 1.0 on assistant
+        answer tokens (not on the `小元：` cue) and on the final EOS, 0.0 elsewhere.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    answer = tokenizer.encode(dialogue.turns[-1].content)
+    ids, flags, room = _fit_prompt(dialogue.turns[:-1], len(answer), tokenizer, template,
+                                   max_length, max_turns)
+    history = 1.0 if train_on == "all" else 0.0
+    tokens = [tokenizer.bos_id] + ids
+    weights = [0.0] + [history if f else 0.0 for f in flags]
+    if len(answer) + 1 <= room:
+        return tokens + answer + [tokenizer.eos_id], weights + [1.0] * (len(answer) + 1)
+    return tokens + answer[:room], weights + [1.0] * room
+
+
+def encode_comparison(comparison: Comparison, tokenizer,
+                      template: ChatTemplate = ChatTemplate(), *, max_length: int,
+                      max_turns: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The K reward-model sequences of a comparison: [bos] + prompt + answer + [eos] each.
+
+    All K share one prompt, truncated for the longest answer (module docstring); an answer
+    that still does not fit is cut on the right and EOS stays last, so the reward, read at
+    index length-1, is always read at an EOS.
+
+    Args:
+        comparison: the `Comparison` (K responses).
+        tokenizer: has encode, bos_id, eos_id, pad_id.
+        template: the `ChatTemplate`.
+        max_length: T, the row length (at least 3).
+        max_turns: exchanges of the context kept at most, None = all.
+
+    Returns:
+        `(tokens, lengths, order)`: int32 [K, max_length] right-padded with the pad id,
+        int32 [K] real lengths, int32 [K] `comparison.order` (indices, best first).
+    """
+    answers = [tokenizer.encode(r) for r in comparison.responses]
+    ids, _, room = _fit_prompt(comparison.context, max(map(len, answers)), tokenizer,
+                               template, max_length, max_turns)
+    tokens = np.full((len(answers), max_length), tokenizer.pad_id, np.int32)
+    lengths = np.zeros(len(answers), np.int32)
+    for k, answer in enumerate(answers):
+        seq = [tokenizer.bos_id] + ids + answer[:room - 1] + [tokenizer.eos_id]
+        tokens[k, :len(seq)] = seq
+        lengths[k] = len(seq)
+    return tokens, lengths, np.asarray(comparison.order, np.int32)
+
+
+def encode_prompt(prompt: Prompt, tokenizer, template: ChatTemplate = ChatTemplate(), *,
+                  max_length: int, max_turns: int | None = None) -> list[int]:
+    """[bos] + render_prompt(context), truncated to at most max_length ids (list of int).
+
+    Where no truncation differs, the ids equal the prompt part of `encode_sft` and
+    `encode_comparison` sequences of the same context (one span encoding), so a policy sees
+    at rollout the ids it was trained on.
+
+    Args:
+        prompt: the `Prompt`.
+        tokenizer: has encode and bos_id.
+        template: the `ChatTemplate`.
+        max_length: at most this many ids, BOS included (truncation: module docstring).
+        max_turns: exchanges kept at most, None = all.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    turns = truncate_context(prompt.context, tokenizer, template, max_tokens=max_length - 1,
+                             max_turns=max_turns)
+    return [tokenizer.bos_id] + _encode(turns, tokenizer, template, cue=True)[0]
+
+
+def collate_comparisons(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                        num_responses: int | None = None) -> dict[str, np.ndarray]:
+    """Stacks `encode_comparison` outputs with different K into one batch.
+
+    Args:
+        examples: B tuples `(tokens [K_b, T], lengths [K_b], order [K_b])`, one T.
+        num_responses: K, at least every K_b; None = the largest K_b.
+
+    Returns:
+        {"tokens": int32 [B, K, T] (pad id 0 in missing responses), "lengths": int32 [B, K]
+        (0 = missing), "ranks": int32 [B, K] (rank of each response, 0 = best, -1 =
+        missing)}. Response i beats j when both ranks are >= 0 and ranks[i] < ranks[j].
+    """
+    if not examples:
+        raise ValueError("collate_comparisons needs at least one example")
+    k_max = max(len(o) for _, _, o in examples) if num_responses is None else num_responses
+    seq_len = examples[0][0].shape[1]
+    tokens = np.zeros((len(examples), k_max, seq_len), np.int32)
+    lengths = np.zeros((len(examples), k_max), np.int32)
+    ranks = np.full((len(examples), k_max), -1, np.int32)
+    for b, (tok, length, order) in enumerate(examples):
+        if len(order) > k_max or tok.shape[1] != seq_len:
+            raise ValueError(f"example {b} has shape {tok.shape}; expected at most {k_max} "
+                             f"responses of length {seq_len}")
+        tokens[b, :len(order)] = tok
+        lengths[b, :len(order)] = length
+        ranks[b, np.asarray(order)] = np.arange(len(order))
+    return {"tokens": tokens, "lengths": lengths, "ranks": ranks}
