@@ -139,7 +139,7 @@ def test_heldout_prompts_ask_problems_no_training_file_asks(task):
             context = r.turns if isinstance(r, formats.Dialogue) else r.context
             seen |= {demo.parse_problem(t.content) for t in context if t.role == "user"}
     num_problems = len(demo._all_problems())  # 100 additions + 55 subtractions (operands 0-9)
-    assert len(heldout) == num_problems // 10 and not heldout & seen
+    assert len(heldout) == round(num_problems * demo.HELDOUT_FRACTION) and not heldout & seen
     assert len(seen) == num_problems - len(heldout)  # every other problem is trained on
 
 

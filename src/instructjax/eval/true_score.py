@@ -55,13 +55,15 @@ def fetch(tree: Any) -> Any:
 
 
 def generate_texts(model, params, tokens: np.ndarray, mask: np.ndarray, tokenizer, *,
-                   eval_cfg: Any, greedy: bool, seed: int, mesh=None) -> tuple[list[str], np.ndarray]:
+                   eval_cfg: Any, greedy: bool, seed: int, mesh=None, num_samples: int = 1
+                   ) -> tuple[list[str], np.ndarray]:
     """Answers to left-padded prompts (int32 [N, P] tokens and mask), in batches of
-    eval_cfg.batch_size; a short last batch is filled with copies of its first row (whose
-    answers are dropped), so every batch has one shape. With `mesh`, each batch is
+    eval_cfg.batch_size prompts; a short last batch is filled with copies of its first row
+    (whose answers are dropped), so every batch has one shape. With `mesh`, each batch is
     generated sharded on it (the same prompts on every process).
 
-    Returns (texts, ended bool [N]) where ended says the answer stopped with EOS.
+    Returns (texts, ended bool [N * num_samples]), answer j of prompt i at i * num_samples + j;
+    ended says the answer stopped with EOS.
     """
     texts, ended = [], []
     batch = int(eval_cfg.batch_size)
@@ -78,11 +80,12 @@ def generate_texts(model, params, tokens: np.ndarray, mask: np.ndarray, tokenize
                 max_new_tokens=int(eval_cfg.max_new_tokens),
                 temperature=float(eval_cfg.temperature), top_k=int(eval_cfg.top_k),
                 top_p=float(eval_cfg.top_p), greedy=greedy, eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id)
+                pad_id=tokenizer.pad_id, num_samples=num_samples)
             response, response_mask, out_ended = fetch((out.response, out.response_mask,
                                                         out.ended))
-            texts += decode_responses(response[:rows], response_mask[:rows], tokenizer)
-            ended += list(out_ended[:rows])
+            kept = rows * num_samples
+            texts += decode_responses(response[:kept], response_mask[:kept], tokenizer)
+            ended += list(out_ended[:kept])
     return texts, np.asarray(ended, bool)
 
 
@@ -91,19 +94,23 @@ def evaluate(params, step: int, *, model, tokenizer, template: chat_encoding.Cha
              seed: int, mesh=None) -> dict[str, Any]:
     """{"true_score", "true_score_sampled", "eos_rate", "sample"} of `params` on `prompts`.
 
-    With `mesh` (every process calling with the same prompts) generation is sharded on it
+    true_score: mean over prompts of the greedy answer's score; true_score_sampled: mean over
+    eval_cfg.num_samples answers per prompt sampled at eval_cfg.temperature (with the PPO
+    temperature, the expected true score of the policy PPO optimises). With `mesh` (every process calling with the same prompts) generation is sharded on it
     and every process returns the same numbers.
     """
     tokens, mask = encode_prompts(prompts, tokenizer, template,
                                   max_prompt_len=int(eval_cfg.max_prompt_len), max_turns=max_turns)
     greedy_texts, _ = generate_texts(model, params, tokens, mask, tokenizer, eval_cfg=eval_cfg,
                                      greedy=True, seed=seed, mesh=mesh)
+    num_samples = int(eval_cfg.num_samples)
     sampled_texts, ended = generate_texts(model, params, tokens, mask, tokenizer,
                                           eval_cfg=eval_cfg, greedy=False, seed=seed + step + 1,
-                                          mesh=mesh)
+                                          mesh=mesh, num_samples=num_samples)
+    sampled_prompts = [p for p in prompts for _ in range(num_samples)]
     return {
         "true_score": float(np.mean(demo.score_responses(prompts, greedy_texts))),
-        "true_score_sampled": float(np.mean(demo.score_responses(prompts, sampled_texts))),
+        "true_score_sampled": float(np.mean(demo.score_responses(sampled_prompts, sampled_texts))),
         "eos_rate": float(np.mean(ended)),
         "sample": f"{chat_encoding.render_prompt(prompts[0].context, template)}{greedy_texts[0]}",
     }
