@@ -5,8 +5,6 @@ iteration and exit 0), then SIGKILL of both right after a checkpoint -- and resu
 time; it must end with exactly the parameters and metrics of an uninterrupted 2-process run.
 Only process 0 writes logs."""
 
-import dataclasses
-import json
 import os
 import signal
 import socket
@@ -14,17 +12,10 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructjax.data import demo, tokenizer as tok_lib
-from instructjax.model.config import ModelConfig
-from instructjax.model.heads import RewardModel
-from instructjax.model.transformer import Transformer
-from instructjax.stages import common, reward as reward_stage
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train.metrics import read_metrics
 
@@ -33,33 +24,11 @@ STEPS = 8
 PROCESS_TIMEOUT = 900  # seconds for one launch of both processes (2 shared cores)
 
 
-def _write_stage(path, stage, cfg, tokenizer_path, params, extra_files=None):
-    os.makedirs(path, exist_ok=True)
-    with open(tokenizer_path, "rb") as src, \
-            open(os.path.join(path, common.TOKENIZER_FILE), "wb") as dst:
-        dst.write(src.read())
-    with open(os.path.join(path, common.RUN_INFO), "w") as f:
-        json.dump({"stage": stage, "model": dataclasses.asdict(cfg),
-                   "tokenizer": common.TOKENIZER_FILE}, f)
-    ckpt_lib.export_params(path, params)
-    for name, content in (extra_files or {}).items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(content, f)
-
-
 @pytest.fixture(scope="module")
-def stage_dirs(tmp_path_factory):
+def stage_dirs(tmp_path_factory, random_sft_and_reward):
     """Random tiny SFT and reward stage directories (2 heads = 2 kv heads: tensor axis 2)."""
     root = tmp_path_factory.mktemp("stages")
-    corpus = demo.write_demo_corpus(root / "corpus", seed=0, num_train_docs=400, num_eval_docs=10)
-    tok = tok_lib.train_tokenizer([corpus["train"]], str(root / "tok.model"), 512, seed=0)
-    cfg = ModelConfig(vocab_size=512, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
-                      head_dim=16, mlp_dim=64, max_seq_len=128)
-    policy = Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    rm = RewardModel(cfg).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
-    _write_stage(root / "sft", "sft", cfg, tok.model_path, nn.meta.unbox(policy))
-    _write_stage(root / "reward", "reward", cfg, tok.model_path, nn.meta.unbox(rm),
-                 {reward_stage.REWARD_STATS: {"mean": 0.0, "std": 1.0, "num_samples": 1}})
+    random_sft_and_reward(root, num_kv_heads=2)
     return root
 
 

@@ -2,23 +2,11 @@
 the RM score rises, the ratio is exactly 1 on the first minibatch and not afterwards, the
 frozen models stay bit-identical, every promised metric is logged, and resume works."""
 
-import dataclasses
-import json
-import os
-import shutil
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
-from instructjax.data import demo, tokenizer as tok_lib
-from instructjax.model.config import ModelConfig
-from instructjax.model.heads import RewardModel
-from instructjax.model.transformer import Transformer
-from instructjax.stages import common, ppo as ppo_stage, reward as reward_stage
-from instructjax.train import checkpoint as ckpt_lib
+from instructjax.stages import common, ppo as ppo_stage
 from instructjax.train.metrics import read_metrics
 
 TRAIN_KEYS = ("score", "score_raw", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
@@ -27,32 +15,10 @@ TRAIN_KEYS = ("score", "score_raw", "kl", "kl_coef", "entropy", "clip_fraction",
               "rollout_tokens_per_sec", "first_minibatch_ratio", "ratio_mean")
 
 
-def write_stage(path, stage, cfg, tokenizer_path, params, extra_files=None):
-    os.makedirs(path, exist_ok=True)
-    shutil.copyfile(tokenizer_path, os.path.join(path, common.TOKENIZER_FILE))
-    with open(os.path.join(path, common.RUN_INFO), "w") as f:
-        json.dump({"stage": stage, "model": dataclasses.asdict(cfg),
-                   "tokenizer": common.TOKENIZER_FILE}, f)
-    ckpt_lib.export_params(path, params)
-    for name, content in (extra_files or {}).items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(content, f)
-
-
 @pytest.fixture(scope="module")
-def stage_dirs(tmp_path_factory):
+def stage_dirs(tmp_path_factory, random_sft_and_reward):
     root = tmp_path_factory.mktemp("stages")
-    corpus = demo.write_demo_corpus(root / "corpus", seed=0, num_train_docs=400, num_eval_docs=10)
-    tok = tok_lib.train_tokenizer([corpus["train"]], str(root / "tok.model"), 512, seed=0)
-    cfg = ModelConfig(vocab_size=512, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                      head_dim=16, mlp_dim=64, max_seq_len=128)
-    policy = Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    rm = RewardModel(cfg).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
-    unbox = lambda t: jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(t))  # noqa: E731
-    write_stage(root / "sft", "sft", cfg, tok.model_path, unbox(policy))
-    write_stage(root / "reward", "reward", cfg, tok.model_path, unbox(rm),
-                {reward_stage.REWARD_STATS: {"mean": 0.0, "std": 1.0, "num_samples": 1}})
-    return root, cfg
+    return root, random_sft_and_reward(root, num_kv_heads=1)
 
 
 def ppo_config(root, steps, **ppo_overrides):
