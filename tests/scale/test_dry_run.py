@@ -21,7 +21,7 @@ from instructjax.model.config import ModelConfig, count_params
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 PPO_SMALL = ["--config.ppo.prompts_per_iteration=16", "--config.ppo.num_samples=2",
-             "--config.ppo.minibatch_size=8", "--config.ppo.max_prompt_len=32",
+             "--config.ppo.minibatch_size=8", "--config.ppo.epochs=2", "--config.ppo.max_prompt_len=32",
              "--config.ppo.max_new_tokens=16", "--config.ppo.frozen_dtype=bfloat16"]
 
 
@@ -109,7 +109,8 @@ def test_ppo_dry_run_compiles_every_phase(tmp_path):
     chex.assert_trees_all_close(resident["reference_params"] * 2,
                                 resident["policy_params"], rtol=0.01)
     assert report["programs"]["rollout"]["temp_bytes"] >= report["closed_form_bytes_per_device"]["kv_cache"]
-    assert report["programs"]["ppo_update"]["calls_per_step"] == 4 * 32 // 8
+    # 2 epochs x 32 rows (16 prompts x 2 samples) / minibatches of 8
+    assert report["programs"]["ppo_update"]["calls_per_step"] == 2 * 32 // 8
 
 
 @pytest.mark.slow

@@ -108,6 +108,8 @@ def forward_flops(cfg: ModelConfig, rows: int, length: int, *, context: int | No
     return float(per_token) * rows * length
 
 
-def train_flops(cfg: ModelConfig, rows: int, length: int, *, remat: bool) -> float:
-    """Forward + backward FLOPs of a gradient step (backward = 2 x forward; + 1 x with remat)."""
-    return forward_flops(cfg, rows, length) * (4.0 if remat else 3.0)
+def train_flops(cfg: ModelConfig, rows: int, length: int, *, remat: bool,
+                lm_head: bool = True) -> float:
+    """Forward + backward FLOPs of a gradient step (backward = 2 x forward; + 1 x with remat);
+    lm_head=False for a scalar-head model (a reward model or a separate critic)."""
+    return forward_flops(cfg, rows, length, lm_head=lm_head) * (4.0 if remat else 3.0)

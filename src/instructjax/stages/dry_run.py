@@ -140,6 +140,17 @@ def cost_twin_config(cfg: ModelConfig, num_layers: int) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- PPO
 
+def ppo_update_flops(cfg: ModelConfig, rows: int, length: int, critic: str) -> float:
+    """Matmul FLOPs of one PPO minibatch update on [rows, length] tokens (all devices): the
+    policy's gradient step, plus a separate critic's (same trunk, scalar head) when
+    critic="separate"; a shared value head adds only E FLOPs per token, not counted."""
+    remat = cfg.remat_policy != "none"
+    flops = mm.train_flops(cfg, rows, length, remat=remat)
+    if critic == "separate":
+        flops += mm.train_flops(cfg, rows, length, remat=remat, lm_head=False)
+    return flops
+
+
 def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
     """The PPO iteration's programs at model config `cfg`.
 
@@ -214,10 +225,12 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
     fwd = mm.forward_flops
     devices = ms.data * ms.fsdp * ms.tensor
     flops = {"rollout": fwd(cfg, rows, P) + (N - 1) * fwd(cfg, rows, 1, context=S - 1),
-             "policy_forward": fwd(cfg, rows, S),
+             # the actor, and a separate critic (scalar head) when there is one
+             "policy_forward": fwd(cfg, rows, S) + (fwd(cfg, rows, S, lm_head=False)
+                                                    if p.critic == "separate" else 0.0),
              "reference_forward": fwd(cfg, rows, S),
              "reward_forward": fwd(cfg, rows, S, lm_head=False),
-             "ppo_update": updates * mm.train_flops(cfg, M, S, remat=cfg.remat_policy != "none")}
+             "ppo_update": updates * ppo_update_flops(cfg, M, S, str(p.critic))}
     flops = {k: v / devices for k, v in flops.items()}
 
     fwd_rows = M if twin else rows
