@@ -2,7 +2,8 @@
 
 The score comes from `data.demo.score_responses` (answer correctness); training never sees
 it. Reported for greedy decoding (`true_score`) and for sampling at the eval temperature
-(`true_score_sampled`), plus the EOS rate and mean response length of the samples.
+(`true_score_sampled`, `eval.num_samples` answers per prompt), plus the EOS rate of the
+sampled answers.
 
 With a mesh, generation runs sharded on it (see rlhf/rollout.py); every process passes the
 same prompts and gets every answer back, so all processes compute the same score.
@@ -96,8 +97,9 @@ def evaluate(params, step: int, *, model, tokenizer, template: chat_encoding.Cha
 
     true_score: mean over prompts of the greedy answer's score; true_score_sampled: mean over
     eval_cfg.num_samples answers per prompt sampled at eval_cfg.temperature (with the PPO
-    temperature, the expected true score of the policy PPO optimises). With `mesh` (every process calling with the same prompts) generation is sharded on it
-    and every process returns the same numbers.
+    temperature, the expected true score of the policy PPO optimises). With `mesh` (every
+    process calling with the same prompts) generation is sharded on it and every process
+    returns the same numbers.
     """
     tokens, mask = encode_prompts(prompts, tokenizer, template,
                                   max_prompt_len=int(eval_cfg.max_prompt_len), max_turns=max_turns)
