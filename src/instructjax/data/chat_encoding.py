@@ -31,7 +31,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from instructjax.data.formats import TRAIN_ON, Comparison, Dialogue, Prompt, Turn, _check_turns
+from instructjax.data.formats import Comparison, Dialogue, Prompt, Turn, check_turns
+
+TRAIN_ON = ("all", "last")  # encode_sft: loss on every assistant turn, or the last one only
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -143,7 +145,7 @@ def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate,
             small for the role prefix and cue with an empty question.
     """
     context = tuple(context)
-    _check_turns(context, "user", "a context")
+    check_turns(context, "user", "a context")
     if max_turns is not None and max_turns < 1:
         raise ValueError(f"max_turns must be None or >= 1, got {max_turns}")
     system = context[:1] if context[0].role == "system" else ()

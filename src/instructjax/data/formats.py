@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Union
 
 from instructjax.data import jsonl
@@ -51,7 +52,6 @@ from instructjax.data import jsonl
 ROLES = ("system", "user", "assistant")
 KINDS = {"sft": ("pclue", "messages"), "comparison": ("ranked", "pair", "hh"),
          "prompt": ("prompt", "messages")}
-TRAIN_ON = ("all", "last")
 _HH_HUMAN, _HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -70,8 +70,12 @@ class Turn:
             raise ValueError(f"content must be str, got {type(self.content).__name__}")
 
 
-def _check_turns(turns: tuple[Turn, ...], last_role: str, what: str) -> None:
-    """[system?] user, assistant, user, ... ending with `last_role`; ValueError otherwise."""
+def check_turns(turns: Sequence[Turn], last_role: str, what: str) -> None:
+    """Checks the role order [system?] user, assistant, user, ... ending with `last_role`.
+
+    Raises:
+        ValueError: naming `what` (e.g. "a prompt") and the first turn out of order.
+    """
     if not all(isinstance(t, Turn) for t in turns):
         raise ValueError(f"{what}: turns must be Turn objects")
     start = 1 if turns and turns[0].role == "system" else 0
@@ -102,7 +106,7 @@ class Dialogue:
 
     def __post_init__(self):
         object.__setattr__(self, "turns", tuple(self.turns))
-        _check_turns(self.turns, "assistant", "a dialogue")
+        check_turns(self.turns, "assistant", "a dialogue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +125,7 @@ class Comparison:
     def __post_init__(self):
         for name in ("context", "responses", "order"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_turns(self.context, "user", "a comparison context")
+        check_turns(self.context, "user", "a comparison context")
         if len(self.responses) < 2 or not all(isinstance(r, str) for r in self.responses):
             raise ValueError(f"a comparison needs at least 2 str responses, got "
                              f"{len(self.responses)}")
@@ -137,7 +141,7 @@ class Prompt:
 
     def __post_init__(self):
         object.__setattr__(self, "context", tuple(self.context))
-        _check_turns(self.context, "user", "a prompt")
+        check_turns(self.context, "user", "a prompt")
 
 
 Record = Union[Dialogue, Comparison, Prompt]
