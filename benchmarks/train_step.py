@@ -62,12 +62,16 @@ def main():
     parser.add_argument("--dtype", default=None, help="compute dtype override")
     parser.add_argument("--attention_impl", default=None)
     parser.add_argument("--remat_policy", default=None)
+    parser.add_argument("--scan_layers", default=None, choices=("true", "false"),
+                        help="override the preset's lax.scan over layers")
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args()
 
     overrides = {k: v for k, v in dict(dtype=args.dtype, attention_impl=args.attention_impl,
                                         remat_policy=args.remat_policy).items() if v}
+    if args.scan_layers:
+        overrides["scan_layers"] = args.scan_layers == "true"
     cfg = ModelConfig.from_dict({**models.get(args.model).to_dict(), **overrides,
                                  "max_seq_len": max(args.seq, models.get(args.model).max_seq_len)})
     model = Transformer(cfg)
@@ -114,7 +118,8 @@ def main():
     peak_total = peak * jax.device_count() if peak else None
     mfu = f"{achieved / peak_total:.1%}" if peak_total else "n/a (no peak known)"
     header = "| model | params | devices | batch x seq | compile s | step ms | tokens/s | TFLOP/s | MFU |"
-    row = (f"| {args.model} ({cfg.dtype}, remat {cfg.remat_policy}, attn {cfg.attention_impl}) | "
+    row = (f"| {args.model} ({cfg.dtype}, remat {cfg.remat_policy}, attn {cfg.attention_impl}, "
+           f"scan {cfg.scan_layers}) | "
            f"{count_params(cfg) / 1e6:.2f}M | {jax.device_count()} x {device.device_kind} | "
            f"{args.batch} x {args.seq} | {compile_s:.1f} | {step_s * 1e3:.1f} | "
            f"{tokens_per_s:,.0f} | {achieved:.3f} | {mfu} |")
