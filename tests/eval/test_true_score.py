@@ -54,3 +54,18 @@ def test_samples_of_one_prompt_differ_at_temperature_one():
     sampled, _ = _generate(greedy=False, num_samples=4)
     assert len(sampled) == 12
     assert any(len(set(sampled[4 * i:4 * i + 4])) > 1 for i in range(3))
+
+
+def test_evaluate_sets_prefixes_each_sets_metrics(monkeypatch):
+    seen = []
+
+    def fake_evaluate(params, step, *, prompts, **kwargs):
+        seen.append((params, step, tuple(prompts), kwargs))
+        return {"true_score": float(len(prompts)), "sample": prompts[0]}
+
+    monkeypatch.setattr(ts, "evaluate", fake_evaluate)
+    out = ts.evaluate_sets("params", 7, prompt_sets={"": ["a", "b"], "heldout_": ["c"]},
+                           seed=3)
+    assert out == {"true_score": 2.0, "sample": "a", "heldout_true_score": 1.0,
+                   "heldout_sample": "c"}
+    assert seen == [("params", 7, ("a", "b"), {"seed": 3}), ("params", 7, ("c",), {"seed": 3})]

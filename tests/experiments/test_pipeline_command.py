@@ -27,7 +27,9 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path):
         assert os.path.isdir(tmp_path / stage), stage
     summary = json.loads((tmp_path / "summary.json").read_text())
     for stage in ("pretrain", "sft", "ppo"):
-        assert 0.0 <= summary["true_score"][stage] <= 1.0
+        for key in ("true_score", "true_score_sampled", "heldout_true_score",
+                    "heldout_true_score_sampled"):
+            assert 0.0 <= summary[key][stage] <= 1.0, (key, stage)
         assert summary["wall_time_s"][stage] > 0
     assert 0.0 <= summary["reward_accuracy"] <= 1.0
     assert summary["ppo_final_kl"] is not None

@@ -3,7 +3,7 @@
 The score comes from `data.demo.score_responses` (answer correctness); training never sees
 it. Reported for greedy decoding (`true_score`) and for sampling at the eval temperature
 (`true_score_sampled`, `eval.num_samples` answers per prompt), plus the EOS rate of the
-sampled answers.
+sampled answers; `evaluate_sets` reports several prompt sets under prefixed names.
 
 With a mesh, generation runs sharded on it (see rlhf/rollout.py); every process passes the
 same prompts and gets every answer back, so all processes compute the same score.
@@ -11,7 +11,7 @@ same prompts and gets every answer back, so all processes compute the same score
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import contextlib
 
@@ -116,3 +116,20 @@ def evaluate(params, step: int, *, model, tokenizer, template: chat_encoding.Cha
         "eos_rate": float(np.mean(ended)),
         "sample": f"{chat_encoding.render_prompt(prompts[0].context, template)}{greedy_texts[0]}",
     }
+
+
+def evaluate_sets(params, step: int, *, prompt_sets: Mapping[str, Sequence[formats.Prompt]],
+                  **kwargs) -> dict[str, Any]:
+    """`evaluate` on each named prompt set, its keys prefixed with the set's name.
+
+    Args:
+        prompt_sets: metric prefix -> prompts, e.g. {"": in-distribution prompts,
+            "heldout_": prompts of held-out problems} gives true_score, ...,
+            heldout_true_score, ...
+        kwargs: the other keyword arguments of `evaluate`.
+    """
+    results = {}
+    for prefix, prompts in prompt_sets.items():
+        results.update({prefix + key: value for key, value in
+                        evaluate(params, step, prompts=prompts, **kwargs).items()})
+    return results

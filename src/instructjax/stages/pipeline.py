@@ -3,7 +3,8 @@
 Each stage's config is `config.stages.<stage>`; the top-level seed, mesh and distributed
 settings apply to all of them, and `init_from` / `ppo.reward_from` are wired to the earlier
 stages' directories. Finished stages are skipped, unfinished ones resume. At the end,
-WORKDIR/summary.json holds the true score after pretrain, SFT and PPO, the reward model's
+WORKDIR/summary.json holds the true score after pretrain, SFT and PPO (held-out prompts of the
+training problems, and held-out problems), the reward model's
 accuracy, the final KL and each stage's wall time; a table is printed and the PPO curves are
 plotted to WORKDIR/ppo_curves.png.
 """
@@ -53,36 +54,35 @@ def summarize(workdir: str, wall: dict[str, float]) -> dict:
     ppo_rows = read_metrics(os.path.join(workdir, "ppo"))
     reward_rows = read_metrics(os.path.join(workdir, "reward"))
     ppo_train = [r for r in ppo_rows if r["split"] == "train"]
-    summary = {
-        "true_score": {
-            "pretrain": _final_eval(sft_rows, "true_score", first=True),  # SFT eval at step 0
-            "sft": _final_eval(sft_rows, "true_score"),
-            "ppo": _final_eval(ppo_rows, "true_score"),
-        },
-        "true_score_sampled": {
-            "pretrain": _final_eval(sft_rows, "true_score_sampled", first=True),
-            "sft": _final_eval(sft_rows, "true_score_sampled"),
-            "ppo": _final_eval(ppo_rows, "true_score_sampled"),
-        },
+    summary = {}
+    # true_score*: new prompts of the training problems; heldout_*: held-out problems
+    for key in ("true_score", "true_score_sampled", "heldout_true_score",
+                "heldout_true_score_sampled"):
+        summary[key] = {"pretrain": _final_eval(sft_rows, key, first=True),  # SFT eval at step 0
+                        "sft": _final_eval(sft_rows, key), "ppo": _final_eval(ppo_rows, key)}
+    summary.update({
         "reward_accuracy": _final_eval(reward_rows, "accuracy"),
         "ppo_final_kl": ppo_train[-1]["kl"] if ppo_train else None,
         "ppo_final_score": ppo_train[-1]["score"] if ppo_train else None,
         "wall_time_s": wall,
-    }
+    })
     summary["wall_time_s"]["total"] = sum(v for v in wall.values() if v is not None)
     return summary
 
 
 def print_table(summary: dict) -> None:
     """The summary as a small text table."""
-    ts, tss = summary["true_score"], summary["true_score_sampled"]
     fmt = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print("\n| stage    | true score (greedy) | true score (sampled) | wall s |")
-    print("|----------|---------------------|----------------------|--------|")
+    print("\ntrue score on held-out prompts of the training problems (greedy, sampled) and on "
+          "held-out problems (greedy, sampled)")
+    print("| stage    | greedy | sampled | held-out greedy | held-out sampled | wall s |")
+    print("|----------|--------|---------|-----------------|------------------|--------|")
     for name in ("pretrain", "sft", "ppo"):
         wall = summary["wall_time_s"].get(name)
-        print(f"| {name:8s} | {fmt(ts[name]):>19s} | {fmt(tss[name]):>20s} | "
-              f"{'n/a' if wall is None else f'{wall:.0f}':>6s} |")
+        scores = [fmt(summary[key][name]) for key in (
+            "true_score", "true_score_sampled", "heldout_true_score", "heldout_true_score_sampled")]
+        print(f"| {name:8s} | {scores[0]:>6s} | {scores[1]:>7s} | {scores[2]:>15s} | "
+              f"{scores[3]:>16s} | {'n/a' if wall is None else f'{wall:.0f}':>6s} |")
     print(f"\nreward model accuracy {fmt(summary['reward_accuracy'])}; "
           f"PPO final KL {fmt(summary['ppo_final_kl'])}; "
           f"total wall {summary['wall_time_s']['total']:.0f} s\n", flush=True)
@@ -99,11 +99,14 @@ def plot_ppo(workdir: str, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["step"] for r in train], [r["score"] for r in train])
     axes[0].set_title("normalised RM score")
-    axes[1].plot([r["step"] for r in evals], [r["true_score"] for r in evals], "o-", label="greedy")
-    axes[1].plot([r["step"] for r in evals], [r["true_score_sampled"] for r in evals], "s--",
-                 label="sampled")
-    axes[1].set_title("true score (held-out)")
-    axes[1].legend()
+    steps = [r["step"] for r in evals]
+    for key, style, label in (("true_score", "o-", "greedy"), ("true_score_sampled", "s-", "sampled"),
+                              ("heldout_true_score", "o:", "greedy, held-out problems"),
+                              ("heldout_true_score_sampled", "s:", "sampled, held-out problems")):
+        if all(key in r for r in evals):
+            axes[1].plot(steps, [r[key] for r in evals], style, label=label)
+    axes[1].set_title("true score (held-out prompts)")
+    axes[1].legend(fontsize=7)
     axes[2].plot([r["step"] for r in train], [r["kl"] for r in train])
     axes[2].set_title("KL(policy || SFT) per sequence")
     for ax in axes:

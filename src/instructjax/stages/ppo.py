@@ -210,7 +210,7 @@ def run(config: Any, workdir: str) -> dict:
     abstract, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
 
     # -- data: prompts (and pretraining text for PPO-ptx); files written by process 0 first
-    prompt_batches, ptx_batches, heldout = common.main_process_first(
+    prompt_batches, ptx_batches, eval_sets = common.main_process_first(
         lambda: _data(config, workdir, tokenizer, template, hp), "ppo-data")
 
     # -- state: resume, or start from SFT
@@ -262,17 +262,18 @@ def run(config: Any, workdir: str) -> dict:
     frozen_before = frozen_checksums(ref_params, rm_params)
 
     def evaluate(iteration):
-        if not heldout:
+        if not eval_sets:
             return {}
-        result = true_score_lib.evaluate(
+        result = true_score_lib.evaluate_sets(
             ac.policy_params(state.params), iteration, model=policy_model, tokenizer=tokenizer,
-            template=template, prompts=heldout, eval_cfg=config.eval,
+            template=template, prompt_sets=eval_sets, eval_cfg=config.eval,
             max_turns=int(config.chat.max_turns), seed=int(config.seed), mesh=mesh)
         writer.write(iteration, "eval", result)
         if is_main:
             print(f"[ppo] eval @ {iteration}: true_score {result['true_score']:.3f} "
-                  f"(sampled {result['true_score_sampled']:.3f}, eos {result['eos_rate']:.2f})",
-                  flush=True)
+                  f"(sampled {result['true_score_sampled']:.3f}, eos {result['eos_rate']:.2f}); "
+                  f"held-out problems {result['heldout_true_score']:.3f} "
+                  f"(sampled {result['heldout_true_score_sampled']:.3f})", flush=True)
         return result
 
     if start == 0:
@@ -380,11 +381,11 @@ def run(config: Any, workdir: str) -> dict:
 
 
 def _data(config: Any, workdir: str, tokenizer, template, hp: exp_lib.PPOHyper):
-    """(prompt batches, PPO-ptx batches or None, held-out prompts or None) of this process.
+    """(prompt batches, PPO-ptx batches or None, eval prompt sets or None) of this process.
 
     Prompt batches hold prompts_per_iteration / process_count left-padded prompts of this
-    process's shard ({"tokens", "mask"} int32 [B_local, P]); held-out prompts are the same
-    on every process.
+    process's shard ({"tokens", "mask"} int32 [B_local, P]); the eval prompt sets
+    (`sft.eval_prompt_sets`) are the same on every process.
     """
     train_paths, eval_paths = common.stage_data_paths(config, workdir, "prompts_train",
                                                       "prompts_eval")
@@ -400,7 +401,7 @@ def _data(config: Any, workdir: str, tokenizer, template, hp: exp_lib.PPOHyper):
         batch_size=int(config.ppo.prompts_per_iteration) // jax.process_count(),
         seed=int(config.seed), pad_example=None, **shard)
     ptx_batches = _ptx_batches(config, workdir, tokenizer, shard) if hp.ptx_coef > 0 else None
-    return prompt_batches, ptx_batches, sft.heldout_prompts(config, workdir)
+    return prompt_batches, ptx_batches, sft.eval_prompt_sets(config, workdir)
 
 
 def _ptx_batches(config: Any, workdir: str, tokenizer, shard: dict):

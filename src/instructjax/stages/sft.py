@@ -38,13 +38,23 @@ def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: chat_encodi
     return {"tokens": np.asarray(tokens, np.int32), "loss_weights": np.asarray(weights, np.float32)}
 
 
-def heldout_prompts(config: Any, workdir: str) -> list[formats.Prompt] | None:
-    """Held-out demo prompts for the true-score eval; None for user data (no true score)."""
+# The demo task's true-score eval sets, by metric-name prefix (eval/true_score.py):
+#   ""          prompts_eval: new prompts (new earlier exchanges, mixed languages) whose final
+#               question is one of the problems the training files ask -- held-out prompts
+#               of the training distribution, as InstructGPT's evaluations use;
+#   "heldout_"  prompts_heldout: problems that no SFT, comparison or PPO file asks
+#               (generalisation; only the pretraining corpus states them as facts).
+DEMO_EVAL_SETS = {"": "prompts_eval", "heldout_": "prompts_heldout"}
+
+
+def eval_prompt_sets(config: Any, workdir: str) -> dict[str, list[formats.Prompt]] | None:
+    """Metric prefix -> the first eval.num_prompts prompts of each demo eval set
+    (`DEMO_EVAL_SETS`); None for user data, which has no true score."""
     if config.data.path:
         return None
-    heldout_path = common.demo_task_paths(config, workdir)["prompts_heldout"]
-    records, _ = dialogue_sources.read_records(heldout_path, "prompt")
-    return records[: int(config.eval.num_prompts)]
+    paths = common.demo_task_paths(config, workdir)
+    return {prefix: dialogue_sources.read_records(paths[name], "prompt")[0][
+        : int(config.eval.num_prompts)] for prefix, name in DEMO_EVAL_SETS.items()}
 
 
 def run(config: Any, workdir: str) -> loop.LoopResult:
@@ -72,12 +82,12 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
                                         batch_size=per_process_batch, to_document=to_document,
                                         **shard, **kwargs)
 
-    prompts = heldout_prompts(config, workdir)
+    prompt_sets = eval_prompt_sets(config, workdir)
     extra_eval = None
-    if prompts:
-        extra_eval = functools.partial(true_score_lib.evaluate, model=model,
+    if prompt_sets:
+        extra_eval = functools.partial(true_score_lib.evaluate_sets, model=model,
                                        tokenizer=tokenizer, template=template,
-                                       prompts=prompts, eval_cfg=config.eval,
+                                       prompt_sets=prompt_sets, eval_cfg=config.eval,
                                        max_turns=int(config.chat.max_turns),
                                        seed=int(config.seed), mesh=mesh)
 
