@@ -7,7 +7,7 @@ Needs: CPU, a few minutes. Produces: metrics.jsonl with eval `accuracy` (pairwis
 comparisons) and WORKDIR/reward_stats.json (score mean/std over SFT samples, used by PPO).
 """
 
-from configs import base
+from configs import base, ppo_tiny
 
 
 def get_config():
@@ -17,6 +17,11 @@ def get_config():
     config.train.update(dict(
         steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
         eval_every=200, eval_batches=13, log_every=20, checkpoint_every=200))
-    # reward statistics from SFT samples at the PPO sampling temperature (configs/ppo_tiny.py)
-    config.eval.temperature = 1.0
+    # Reward statistics (PPO's score normalisation) from SFT samples drawn as PPO draws them:
+    # the same prompt length, response length and temperature as configs/ppo_tiny.py.
+    sampling = ppo_tiny.get_config().ppo
+    config.eval.update(dict(max_prompt_len=sampling.max_prompt_len,
+                            max_new_tokens=sampling.max_new_tokens,
+                            temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p))
     return config

@@ -30,7 +30,7 @@ def test_files_parse_with_the_intended_sizes(task):
     paths, records = task
     assert set(paths) == set(KINDS)
     assert {name: len(r) for name, r in records.items()} == {
-        "sft_train": 3000, "sft_eval": 200, "comparisons_train": 2000,
+        "sft_train": 3000, "sft_eval": 200, "comparisons_train": 6000,
         "comparisons_eval": 200, "prompts_train": 1000, "prompts_eval": 200,
         "prompts_heldout": 200}
     turns = collections.Counter(len(d.turns) // 2 for d in records["sft_train"])

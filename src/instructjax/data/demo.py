@@ -472,7 +472,7 @@ def _prompt_record(rng: random.Random, heldout, want_heldout: bool) -> dict:
 
 
 def write_demo_task(out_dir: str | os.PathLike, *, seed: int = 0, num_sft: int = 3000,
-                    num_comparisons: int = 2000, num_prompts: int = 1000, num_eval: int = 200,
+                    num_comparisons: int = 6000, num_prompts: int = 1000, num_eval: int = 200,
                     num_heldout: int = 200) -> dict[str, str]:
     """Writes the demo dialogue task (arithmetic questions) as JSON-lines files.
 
@@ -491,6 +491,9 @@ def write_demo_task(out_dir: str | os.PathLike, *, seed: int = 0, num_sft: int =
           state them as facts).
 
     The default sizes suit a ~1M-parameter model on 2 CPU cores (a few minutes of SFT).
+    With 6000 comparisons the tiny reward model (600 steps of 16) sees each about 1.6 times;
+    with 2000 (5 epochs) it overfit: held-out pairwise accuracy 0.90 instead of 0.94, and
+    0.83 instead of 0.84 on pairs of the SFT policy's own samples that differ in correctness.
 
     Args:
         out_dir: directory for the files (created if missing).
