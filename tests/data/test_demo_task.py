@@ -59,7 +59,8 @@ def test_sft_answers_are_imperfect_demonstrations(task):
 def test_rankings_follow_the_true_score(task):
     _, records = task
     best_correct = 0
-    for c in records["comparisons_train"] + records["comparisons_eval"]:
+    comparisons = records["comparisons_train"] + records["comparisons_eval"]
+    for c in comparisons:
         problem = demo.parse_problem(c.context[-1].content)
         ranked = [c.responses[i] for i in c.order]
         scores = [demo.true_score(problem, r) for r in ranked]
@@ -69,8 +70,9 @@ def test_rankings_follow_the_true_score(task):
         best_correct += scores[0] == 1.0
     # The best answer is not always in the same position.
     positions = collections.Counter(c.order[0] for c in records["comparisons_train"])
-    assert len(positions) == 4 and min(positions.values()) > 350
-    assert 0.6 < best_correct / 2200 < 0.8
+    train = len(records["comparisons_train"])
+    assert len(positions) == 4 and min(positions.values()) > 0.7 * train / 4
+    assert 0.6 < best_correct / len(comparisons) < 0.8
 
 
 def test_misquotes_are_true_facts_about_a_neighbouring_problem():
