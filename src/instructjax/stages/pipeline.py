@@ -3,10 +3,10 @@
 Each stage's config is `config.stages.<stage>`; the top-level seed, mesh and distributed
 settings apply to all of them, and `init_from` / `ppo.reward_from` are wired to the earlier
 stages' directories. Finished stages are skipped, unfinished ones resume. At the end,
-WORKDIR/summary.json holds the true score after pretrain, SFT and PPO (held-out prompts of the
-training problems, and held-out problems), the reward model's
-accuracy, the final KL and each stage's wall time; a table is printed and the PPO curves are
-plotted to WORKDIR/ppo_curves.png.
+WORKDIR/summary.json holds the true score after pretrain, SFT and PPO (on held-out prompts of
+the training problems and on held-out problems), the reward model's accuracy, the final KL and
+each stage's wall time; a table is printed and the PPO curves are plotted to
+WORKDIR/ppo_curves.png.
 """
 
 from __future__ import annotations
@@ -100,13 +100,14 @@ def plot_ppo(workdir: str, path: str) -> None:
     axes[0].plot([r["step"] for r in train], [r["score"] for r in train])
     axes[0].set_title("normalised RM score")
     steps = [r["step"] for r in evals]
-    for key, style, label in (("true_score", "o-", "greedy"), ("true_score_sampled", "s-", "sampled"),
+    for key, style, label in (("true_score", "o-", "greedy"),
+                              ("true_score_sampled", "s-", "sampled"),
                               ("heldout_true_score", "o:", "greedy, held-out problems"),
                               ("heldout_true_score_sampled", "s:", "sampled, held-out problems")):
         if all(key in r for r in evals):
             axes[1].plot(steps, [r[key] for r in evals], style, label=label)
     axes[1].set_title("true score (held-out prompts)")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center right")
     axes[2].plot([r["step"] for r in train], [r["kl"] for r in train])
     axes[2].set_title("KL(policy || SFT) per sequence")
     for ax in axes:
