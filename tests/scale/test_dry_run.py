@@ -63,7 +63,9 @@ def assert_agrees_with_closed_form(report):
 
 
 def test_sft_dry_run_report(tmp_path):
+    # scanned layers, as every preset above `tiny` has: the loop-counting check below needs them
     out, report = dry_run("configs/sft_tiny.py", tmp_path, "--config.train.grad_accum_steps=2",
+                          "--config.model.scan_layers=True",
                           "--config.hardware.peak_tflops=1.0", "--config.hardware.hbm_gbps=100",
                           "--config.hardware.memory_per_device_gb=1.0", xla_flags=False)
     assert out.returncode == 0, out.stderr[-3000:]
