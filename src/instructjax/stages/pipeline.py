@@ -22,6 +22,10 @@ from instructjax.train.metrics import read_metrics
 ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 SHARED_KEYS = ("seed", "mesh", "distributed")
 STAGE_TIME = "stage_time.json"
+# summary.json's true scores: held-out prompts of the training problems (greedy, sampled),
+# then held-out problems (stages/sft.DEMO_EVAL_SETS prefixes)
+SCORE_KEYS = ("true_score", "true_score_sampled", "heldout_true_score",
+              "heldout_true_score_sampled")
 
 
 def stage_config(config: Any, name: str, workdir: str) -> Any:
@@ -55,9 +59,7 @@ def summarize(workdir: str, wall: dict[str, float]) -> dict:
     reward_rows = read_metrics(os.path.join(workdir, "reward"))
     ppo_train = [r for r in ppo_rows if r["split"] == "train"]
     summary = {}
-    # true_score*: new prompts of the training problems; heldout_*: held-out problems
-    for key in ("true_score", "true_score_sampled", "heldout_true_score",
-                "heldout_true_score_sampled"):
+    for key in SCORE_KEYS:
         summary[key] = {"pretrain": _final_eval(sft_rows, key, first=True),  # SFT eval at step 0
                         "sft": _final_eval(sft_rows, key), "ppo": _final_eval(ppo_rows, key)}
     summary.update({
@@ -79,8 +81,7 @@ def print_table(summary: dict) -> None:
     print("|----------|--------|---------|-----------------|------------------|--------|")
     for name in ("pretrain", "sft", "ppo"):
         wall = summary["wall_time_s"].get(name)
-        scores = [fmt(summary[key][name]) for key in (
-            "true_score", "true_score_sampled", "heldout_true_score", "heldout_true_score_sampled")]
+        scores = [fmt(summary[key][name]) for key in SCORE_KEYS]
         print(f"| {name:8s} | {scores[0]:>6s} | {scores[1]:>7s} | {scores[2]:>15s} | "
               f"{scores[3]:>16s} | {'n/a' if wall is None else f'{wall:.0f}':>6s} |")
     print(f"\nreward model accuracy {fmt(summary['reward_accuracy'])}; "
