@@ -25,12 +25,17 @@ ids no mask is needed for the padding: padded keys come after every real query.
 
 Backends (picked from `jax.default_backend()` unless `interpret=True`):
 - interpret: the same pallas_call run by the Pallas interpreter (CPU tests).
-- gpu: the Triton backend (`pallas.triton.CompilerParams` with num_warps/num_stages). Only
-  Triton is implemented for GPU: this kernel is written in the array-per-program style that
-  Triton lowers and the interpreter runs, so one formulation is tested on CPU and runs on
-  GPU. A Mosaic GPU kernel (plgpu: warpgroup MMA, TMA pipelines, explicit barriers) is a
-  different program that cannot run in interpret mode; it would be the faster choice on
-  Hopper (see /work/shared/KERNEL-ANCHORS.md) and is the next step once it can be measured.
+- gpu: the Triton backend (`pallas.triton.CompilerParams` with num_warps/num_stages) for all
+  three kernels: they are written in the array-per-program style that Triton lowers and the
+  Pallas interpreter runs, so one formulation is tested on CPU and runs on GPU.
+  `BlockSizes(gpu_forward="mosaic")` replaces the forward on Hopper with the warp-specialised
+  Mosaic GPU kernel of `flash_attention_mgpu.py` (wgmma, TMA, ping-pong warpgroups) where it
+  applies (bf16/f16, head dim a multiple of 64 up to 256, no segment ids or key padding mask)
+  and keeps Triton elsewhere; the backward stays Triton and reads the Mosaic forward's LSE.
+  Triton is the default until the two are measured against each other on a Hopper GPU
+  (benchmarks/attention.py runs both). The Mosaic forward runs on CPU in jax's Mosaic GPU
+  interpreter (tests/kernels/_mgpu_interpret.py): pass its `InterpretGPUParams` as
+  `interpret=` to use it inside this wrapper.
 - tpu: Mosaic TPU with all grid axes "parallel". TPU tiling needs [B, H, T, D] blocks, so the
   wrapper transposes to that layout. Each program holds whole rows in VMEM (one head's K/V in
   the forward and dQ kernels, the group's Q and dO in dK/dV), which bounds the sequence
@@ -54,6 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from instructjax.kernels import block_sparsity as bsp
+from instructjax.kernels import flash_attention_mgpu as mgpu
 
 # Score fill for masked entries. Finite (not -inf) so that a row whose entries are all masked
 # so far has max == fill and exp(fill - fill) stays finite; those entries are then zeroed
@@ -73,6 +79,9 @@ class BlockSizes:
     block_q_bwd / block_kv_bwd: the same for both backward kernels (dK/dV programs own
     block_kv_bwd keys and step over block_q_bwd queries; dQ programs the other way round).
     num_warps / num_stages: Triton only; None = chosen from the head dim.
+    gpu_forward: "triton", or "mosaic" for the Hopper forward of flash_attention_mgpu.py
+        wherever it applies (Triton elsewhere; the backward is always Triton).
+    mosaic: the Mosaic forward's tiles; None = MosaicBlocks.default(head dim).
     Blocks are clamped to the (power-of-two rounded) sequence length for short inputs.
     """
     block_q: int = 128
@@ -81,6 +90,13 @@ class BlockSizes:
     block_kv_bwd: int = 128
     num_warps: int | None = None
     num_stages: int | None = None
+    gpu_forward: str = "triton"
+    mosaic: mgpu.MosaicBlocks | None = None
+
+    def __post_init__(self):
+        if self.gpu_forward not in ("triton", "mosaic"):
+            raise ValueError(f"gpu_forward must be 'triton' or 'mosaic', got "
+                             f"{self.gpu_forward!r}")
 
     @classmethod
     def default(cls, backend: str | None = None) -> "BlockSizes":
@@ -114,6 +130,8 @@ class _Config:
     num_warps: int | None
     num_stages: int | None
     target: str             # 'interpret' | 'gpu' | 'tpu'
+    mosaic: mgpu.MosaicBlocks | None = None   # Hopper forward (backward stays Triton)
+    mosaic_interpret: object = None           # InterpretGPUParams for the CPU interpreter
 
     @property
     def heads_major(self):
@@ -405,6 +423,10 @@ def _call(cfg, kernel, name, *, grid, ins, outs, segment_inputs):
 
 def _fwd_call(cfg, q, k, v, q_seg, kv_seg):
     """Forward pallas_call on kernel-layout arrays -> (o like q, lse float32 [B, H, 1, T])."""
+    if cfg.mosaic is not None:
+        o, lse = mgpu.flash_forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
+                                    blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
+        return o, lse[:, :, None, :]
     B, T, H, D, S, K = _dims(cfg, q, k)
     bq, bk = cfg.block_q, cfg.block_kv
     q_spec, kv_spec = _query_row_specs(cfg, bq, S, D, H // K)
@@ -517,7 +539,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
         causal: query t only sees keys s <= t (requires T == S).
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
         block_sizes: BlockSizes; default BlockSizes.default() for the backend.
-        interpret: run in the Pallas interpreter (required on CPU).
+        interpret: run in the Pallas interpreter (required on CPU). A Mosaic GPU
+            `InterpretGPUParams` also interprets the Hopper forward when block_sizes asks for
+            it (gpu_forward="mosaic"); see tests/kernels/_mgpu_interpret.py.
         return_lse: also return the log-sum-exp of the scaled scores.
         _target: 'gpu' or 'tpu' to build that backend's kernels regardless of the default
             backend (for lowering checks on CPU); not for normal use.
@@ -557,11 +581,27 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     bqb = _clamp_block(block_sizes.block_q_bwd, T)
     bk = _clamp_block(block_sizes.block_kv, S)
     bkb = _clamp_block(block_sizes.block_kv_bwd, S)
-    if T == S:
-        # Equal padded lengths keep the causal diagonal arithmetic in block units exact.
-        T_pad = S_pad = _round_up(T, math.lcm(bq, bqb, bk, bkb))
-    else:
-        T_pad, S_pad = _round_up(T, math.lcm(bq, bqb)), _round_up(S, math.lcm(bk, bkb))
+    gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
+    mosaic = None
+    if (block_sizes.gpu_forward == "mosaic" and (target == "gpu" or gpu_interpreter)
+            and mgpu.unsupported_reason(q.dtype, D, segments=segment_ids is not None) is None):
+        mosaic = block_sizes.mosaic or mgpu.MosaicBlocks.default(D)
+
+    def padded_lengths(mosaic):
+        q_blocks, kv_blocks = [bq, bqb], [bk, bkb]
+        if mosaic is not None:
+            q_blocks.append(mosaic.rows_per_program)
+            kv_blocks.append(mosaic.block_kv)
+        if T == S:
+            # Equal padded lengths keep the causal diagonal arithmetic in block units exact.
+            return (_round_up(T, math.lcm(*q_blocks, *kv_blocks)),) * 2
+        return _round_up(T, math.lcm(*q_blocks)), _round_up(S, math.lcm(*kv_blocks))
+
+    T_pad, S_pad = padded_lengths(mosaic)
+    if mosaic is not None and S_pad != S and not causal:
+        # Padded keys would need the key mask the Hopper kernel does not have.
+        mosaic = None
+        T_pad, S_pad = padded_lengths(None)
 
     if segment_ids is not None:
         q_ids = kv_ids = segment_ids.astype(jnp.int32)
@@ -583,7 +623,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     cfg = _Config(causal=causal, segments=segments,
                   sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
                   block_q=bq, block_kv=bk, block_q_bwd=bqb, block_kv_bwd=bkb,
-                  num_warps=num_warps, num_stages=block_sizes.num_stages, target=target)
+                  num_warps=num_warps, num_stages=block_sizes.num_stages, target=target,
+                  mosaic=mosaic, mosaic_interpret=gpu_interpreter if mosaic else None)
 
     pad = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1]), (0, 0), (0, 0)))
     q_k, k_k, v_k = pad(q, T_pad), pad(k, S_pad), pad(v, S_pad)

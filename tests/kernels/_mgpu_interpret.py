@@ -1,0 +1,138 @@
+"""Run Mosaic GPU (Hopper) Pallas kernels on CPU: jax's GPU interpreter plus three rules.
+
+jax ships an interpreter for Mosaic GPU kernels (`InterpretGPUParams`: simulated shared
+memory, warpgroups as threads, TMA copies and mbarriers). In jax 0.10.2 its wgmma rule only
+takes both operands from shared memory without a transpose, and it has no rule for storing
+into a wgmma accumulator. The Hopper flash-attention forward needs all three: S = Q K^T
+reads K through a transposed view, P V takes P from registers, and the running output is
+stored into the accumulator before each P V matmul; register layouts are cast.
+`extended_gpu_interpreter()` adds:
+
+- wgmma with a register (array) left operand and index-then-transpose views of either
+  shared-memory operand: acc += a @ b computed in float32 like the hardware;
+- `wgmma_accumulator_store`: overwrite the accumulator with a register array;
+- `layout_cast` (which thread holds which register element): the identity.
+
+Everything else (TMA, barriers, the three warpgroups, the grid) is jax's own interpreter, so
+a deadlock or a missing barrier wait in the kernel still shows up here. The rules read
+interpreter internals; if jax moves them, `extended_gpu_interpreter` fails loudly instead of
+running the kernel some other way.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import numpy as np
+
+from jax._src import callback
+from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+from jax._src.pallas.mosaic_gpu import core as gpu_core
+from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax._src.state import types as state_types
+
+_Interpreter = jaxpr_interpret.JaxprInterpreter
+
+
+def _thread_context(device_id, grid_point_coords, thread_id):
+    memory = gpu_callbacks._get_shared_memory()
+    info = interpret_utils.GPULoggingInfo(
+        device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
+        thread_id=int(thread_id), source_info=None)
+    return memory, memory.get_global_thread_id(int(device_id), int(thread_id)), info
+
+
+def _read_view(memory, thread, info, key_array, transforms):
+    """Contents of a shared-memory view: indexers first, then at most one transpose."""
+    transforms = gpu_callbacks._remove_noop_transforms(transforms)
+    indexers = [t for t in transforms if not isinstance(t, state_types.TransposeTransform)]
+    transposes = [t for t in transforms if isinstance(t, state_types.TransposeTransform)]
+    if transforms[:len(indexers)] != tuple(indexers) and list(transforms[:len(indexers)]) != indexers:
+        raise NotImplementedError(f"transpose before an index in {transforms}")
+    value, _, _ = memory.get_buffer_content(
+        gpu_callbacks.HostAllocationKey.from_array(key_array),
+        interpret_utils.to_range(jax.tree.map(int, indexers)), thread, logging_info=info)
+    for t in transposes:
+        value = np.transpose(value, t.permutation)
+    return value
+
+
+def _wgmma_callback(*, token, device_id, grid_point_coords, thread_id, acc, acc_transforms,
+                    a, a_transforms, a_in_registers, b, b_transforms, acc_dtype):
+    memory, thread, info = _thread_context(device_id, grid_point_coords, thread_id)
+    lhs = np.asarray(a) if a_in_registers else _read_view(memory, thread, info, a, a_transforms)
+    rhs = _read_view(memory, thread, info, b, b_transforms)
+    acc_key = gpu_callbacks.HostAllocationKey.from_array(acc)
+    acc_range = interpret_utils.to_range(
+        jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
+    current, _, _ = memory.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
+    result = current + np.matmul(lhs.astype(np.float32), rhs.astype(np.float32)).astype(acc_dtype)
+    memory.store_buffer_content(acc_key, acc_range, result, thread, logging_info=info)
+    return token
+
+
+def _accumulator_store_callback(*, token, device_id, grid_point_coords, thread_id, acc, value):
+    memory, thread, info = _thread_context(device_id, grid_point_coords, thread_id)
+    memory.store_buffer_content(gpu_callbacks.HostAllocationKey.from_array(acc), (),
+                                np.asarray(value), thread, logging_info=info)
+    return token
+
+
+def _interpret_wgmma(self, eqn, token, get_invals):
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    acc_t, a_t, b_t = jax.tree.unflatten(
+        jax.tree_util.treedef_tuple((eqn.params["acc_transforms_tree"] or empty,
+                                     eqn.params["a_transforms_tree"] or empty,
+                                     eqn.params["b_transforms_tree"] or empty)), leaves)
+    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    token = callback.io_callback(
+        functools.partial(_wgmma_callback, acc_dtype=eqn.invars[0].aval.dtype,
+                          a_in_registers=a_in_registers),
+        gpu_callbacks.TOKEN_SHAPE_DTYPE, token=token, device_id=self.device_info.device_id,
+        grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc,
+        acc_transforms=acc_t, a=a, a_transforms=a_t, b=b, b_transforms=b_t, ordered=True)
+    return token, []
+
+
+def _interpret_arithmetic_or_store(original):
+    def interpret(self, eqn, get_invals):
+        if eqn.primitive is gpu_core.layout_cast_p:
+            # A register layout only says which thread holds which element.
+            (value,) = get_invals()
+            return value
+        if eqn.primitive is not gpu_primitives.wgmma_accumulator_store_p:
+            return original(self, eqn, get_invals)
+        acc, value = get_invals()
+        # Ordered io_callbacks run in program order, so this store lands between the
+        # accumulator reads and wgmma updates around it without threading the token.
+        callback.io_callback(
+            _accumulator_store_callback, gpu_callbacks.TOKEN_SHAPE_DTYPE,
+            token=jax.numpy.int32(0), device_id=self.device_info.device_id,
+            grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc,
+            value=value, ordered=True)
+        return []
+    return interpret
+
+
+@contextlib.contextmanager
+def extended_gpu_interpreter():
+    """Context in which Mosaic GPU kernels run on CPU with the rules above.
+
+    Yields the `interpret=` argument for `plgpu.kernel` (an `InterpretGPUParams`).
+    """
+    for name in ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive"):
+        if not hasattr(_Interpreter, name):
+            raise RuntimeError(f"jax's Mosaic GPU interpreter has no {name}: update "
+                               f"{__name__} for this jax version ({jax.__version__})")
+    saved = (_Interpreter._interpret_wgmma_ref_p, _Interpreter._interpret_arithmetic_primitive)
+    _Interpreter._interpret_wgmma_ref_p = _interpret_wgmma
+    _Interpreter._interpret_arithmetic_primitive = _interpret_arithmetic_or_store(saved[1])
+    try:
+        yield InterpretGPUParams()
+    finally:
+        _Interpreter._interpret_wgmma_ref_p, _Interpreter._interpret_arithmetic_primitive = saved

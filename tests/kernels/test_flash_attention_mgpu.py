@@ -1,0 +1,196 @@
+"""kernels/flash_attention_mgpu.py: the Hopper (Mosaic GPU) flash-attention forward.
+
+On CPU the kernel runs in jax's Mosaic GPU interpreter (three warpgroups as threads, TMA
+copies and mbarriers simulated) extended by `_mgpu_interpret.py`, and is compared with the
+float32 plain-jnp reference: output, log-sum-exp, and, through the flash_attention wrapper
+with its Triton-formulation backward, the q/k/v gradients. The compiled kernel is lowered
+for CUDA from CPU; running it needs a Hopper GPU (the compiled tests at the end).
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _mgpu_interpret import extended_gpu_interpreter
+from instructjax.kernels import flash_attention as fa
+from instructjax.kernels import flash_attention_mgpu as mgpu
+from instructjax.kernels import reference
+
+# bf16 / f16 inputs against float32 on the same rounded values: P is rounded to 16 bits
+# before the P V matmul and the output is rounded on store (~4e-3 relative). The LSE is
+# accumulated in float32 throughout.
+HALF_TOL = 1e-2
+LSE_TOL = 1e-4
+
+
+def normal(key, shape, dtype):
+    return jax.random.normal(key, (int(np.prod(shape)),), jnp.float32).reshape(shape).astype(dtype)
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm((x - ref).ravel()) / np.linalg.norm(ref.ravel()))
+
+
+def qkv(seed, B, T, H, K, D, dtype):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (normal(ks[0], (B, T, H, D), dtype), normal(ks[1], (B, T, K, D), dtype),
+            normal(ks[2], (B, T, K, D), dtype))
+
+
+def reference_lse(q, k, causal, sm_scale):
+    """float32 [B, H, T] log-sum-exp of the scaled (masked) scores."""
+    G = q.shape[2] // k.shape[2]
+    kf = jnp.repeat(k.astype(jnp.float32), G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kf) * sm_scale
+    if causal:
+        T = q.shape[1]
+        s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    return jax.nn.logsumexp(s, axis=-1)
+
+
+# (causal, T, H, K, D, block_kv, dtype): one program and several; kv blocks smaller than,
+# equal to and larger than a warpgroup's 64 rows; more kv steps than pipeline slots (the
+# producer's refill loop); GQA 1, 2 and 4; head dims 64 and 128; a causal tile whose first
+# warpgroup stops early (its epilogue releases the other warpgroup's blocks).
+FORWARD_CASES = [
+    (False, 128, 1, 1, 64, 64, jnp.bfloat16),
+    (True, 256, 2, 1, 64, 64, jnp.bfloat16),
+    (False, 256, 2, 1, 128, 64, jnp.float16),
+    pytest.param(True, 256, 4, 1, 128, 128, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param(True, 384, 2, 2, 64, 64, jnp.bfloat16, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("causal,T,H,K,D,block_kv,dtype", FORWARD_CASES)
+def test_forward_matches_reference(causal, T, H, K, D, block_kv, dtype):
+    q, k, v = qkv(T + D + H, 1, T, H, K, D, dtype)
+    sm_scale = 0.7 / D ** 0.5
+    blocks = mgpu.MosaicBlocks(block_q=64, block_kv=block_kv, num_stages=2)
+    with extended_gpu_interpreter() as interpret:
+        o, lse = mgpu.flash_forward(q, k, v, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                                    interpret=interpret)
+    assert o.shape == q.shape and o.dtype == dtype
+    assert lse.shape == (1, H, T) and lse.dtype == jnp.float32
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = reference.attention(f32(q), f32(k), f32(v), causal=causal, sm_scale=sm_scale)
+    assert rel_err(o, ref) < HALF_TOL
+    np.testing.assert_allclose(lse, reference_lse(q, k, causal, sm_scale), atol=LSE_TOL)
+
+
+def test_wrapper_uses_it_and_gradients_match_reference():
+    """flash_attention with gpu_forward="mosaic": odd length (padded), GQA 2, causal; the
+    Hopper kernel runs the forward and the Triton-formulation backward reads its LSE."""
+    B, T, H, K, D = 1, 200, 2, 1, 64
+    q, k, v = qkv(3, B, T, H, K, D, jnp.bfloat16)
+    do = normal(jax.random.key(4), (B, T, H, D), jnp.float32)
+    blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
+                           gpu_forward="mosaic", mosaic=mgpu.MosaicBlocks(block_kv=64))
+    f32 = lambda x: x.astype(jnp.float32)
+    with extended_gpu_interpreter() as interpret:
+        attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, block_sizes=blocks,
+                                                  interpret=interpret)
+        assert "flash_attention_fwd_hopper" in str(jax.make_jaxpr(attn)(q, k, v))
+        o, vjp = jax.vjp(attn, q, k, v)
+        grads = vjp(do.astype(o.dtype))
+    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=True),
+                             f32(q), f32(k), f32(v))
+    assert rel_err(o, ref_o) < HALF_TOL
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(do.astype(jnp.bfloat16).astype(jnp.float32))):
+        assert rel_err(g, ref_g) < HALF_TOL, name
+
+
+@pytest.mark.parametrize("dtype,D,segments,reason", [
+    (jnp.float32, 64, False, "dtype float32"),
+    (jnp.bfloat16, 80, False, "head dim 80"),
+    (jnp.bfloat16, 320, False, "head dim 320"),
+    (jnp.bfloat16, 128, True, "segment ids"),
+    (jnp.float16, 256, False, None),
+])
+def test_unsupported_reason(dtype, D, segments, reason):
+    got = mgpu.unsupported_reason(dtype, D, segments=segments)
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_bad_blocks_and_lengths_are_refused():
+    with pytest.raises(ValueError, match="multiples of 64"):
+        mgpu.MosaicBlocks(block_q=32)
+    with pytest.raises(ValueError, match="num_stages"):
+        mgpu.MosaicBlocks(num_stages=1)
+    with pytest.raises(ValueError, match="gpu_forward"):
+        fa.BlockSizes(gpu_forward="cutlass")
+    q = jnp.zeros((1, 100, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        mgpu.flash_forward(q, q, q, causal=True, sm_scale=0.1, blocks=mgpu.MosaicBlocks())
+    with pytest.raises(ValueError, match="float32"):
+        mgpu.flash_forward(q.astype(jnp.float32), q, q, causal=True, sm_scale=0.1,
+                           blocks=mgpu.MosaicBlocks())
+
+
+# --------------------------------------------------------------------------------------
+# Lowered for CUDA from CPU: the Hopper forward plus Triton dQ and dK/dV; the fallbacks
+# --------------------------------------------------------------------------------------
+
+def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward, S=None):
+    q = jnp.zeros((B, T, H, D), dtype)
+    k = jnp.zeros((B, S or T, K, D), dtype)
+    seg = jnp.ones((B, T), jnp.int32) if segments else None
+    blocks = fa.BlockSizes(**{**fa.BlockSizes.default("gpu").__dict__,
+                              "gpu_forward": gpu_forward})
+
+    def fwd_bwd(q, k, v, seg):
+        fn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=causal,
+                                                block_sizes=blocks, _target="gpu")
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(o)
+
+    text = jax.jit(fwd_bwd).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @([\w$.]+)", text)
+    return calls.count("mosaic_gpu_v2"), calls.count("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("causal,T,D", [(True, 1000, 64), (False, 1024, 128), (True, 512, 256)])
+def test_lowers_for_hopper(causal, T, D):
+    assert lowered_calls(2, T, 8, 2, D, jnp.bfloat16, causal=causal, segments=False,
+                         gpu_forward="mosaic") == (1, 2)
+
+
+@pytest.mark.parametrize("dtype,segments,T,S,causal", [
+    (jnp.float32, False, 256, 256, True),      # dtype
+    (jnp.bfloat16, True, 256, 256, True),      # segment ids
+    (jnp.bfloat16, False, 256, 300, False),    # padded keys need a mask
+])
+def test_falls_back_to_triton(dtype, segments, T, S, causal):
+    assert lowered_calls(1, T, 4, 2, 64, dtype, causal=causal, segments=segments,
+                         gpu_forward="mosaic", S=S) == (0, 3)
+
+
+# --------------------------------------------------------------------------------------
+# Compiled on a Hopper GPU (skipped elsewhere)
+# --------------------------------------------------------------------------------------
+
+def _is_hopper():
+    if jax.default_backend() != "gpu":
+        return False
+    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [64, 128])
+def test_compiled_on_hopper(causal, D):
+    B, T, H, K = 2, 1000, 8, 2
+    q, k, v = qkv(D, B, T, H, K, D, jnp.bfloat16)
+    do = normal(jax.random.key(9), (B, T, H, D), jnp.bfloat16)
+    blocks = fa.BlockSizes(**{**fa.BlockSizes.default("gpu").__dict__, "gpu_forward": "mosaic"})
+    attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=causal, block_sizes=blocks)
+    o, vjp = jax.vjp(jax.jit(attn), q, k, v)
+    grads = vjp(do)
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=causal),
+                             f32(q), f32(k), f32(v))
+    assert rel_err(o, ref_o) < HALF_TOL
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
+        assert rel_err(g, ref_g) < HALF_TOL, name
