@@ -7,9 +7,11 @@ Training attention, bf16, FlashAttention convention: forward FLOPs 4 * B * H * T
 (H query heads), halved when causal; forward + backward counts 3.5x the forward (backward =
 2.5x). Shapes follow /work/shared/KERNEL-ANCHORS.md: heads * head_dim = 2048, batch * seq =
 16k tokens, GQA 4 query heads per kv head, seq 1k..16k, head dim 64 and 128, causal and not.
-Each shape runs ours (kernels/flash_attention.py), `jax.nn.dot_product_attention` with
-implementation="cudnn" and with "xla"; an implementation that fails (no GPU, out of memory)
-is skipped with the reason printed.
+Each shape runs ours (kernels/flash_attention.py: "ours" = Triton forward and backward,
+"ours-mosaic" = the Hopper Mosaic GPU forward of kernels/flash_attention_mgpu.py with the
+Triton backward), `jax.nn.dot_product_attention` with implementation="cudnn" and with "xla";
+an implementation that fails (no GPU, not Hopper, out of memory) is skipped with the reason
+printed.
 
 Decode: one token per sequence against a bf16 cache, GB/s = bytes of K and V that must be
 read (2 * sum(lengths) * K * D * 2) over the time, for full and ragged (uniform random)
@@ -22,6 +24,7 @@ The tables are printed and appended to benchmarks/RESULTS.md (not in --quick mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -35,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from instructjax.kernels import decode_attention as decode_lib  # noqa: E402
 from instructjax.kernels import flash_attention as flash_lib  # noqa: E402
+from instructjax.kernels import flash_attention_mgpu as mosaic_lib  # noqa: E402
 from instructjax.kernels import reference  # noqa: E402
 
 
@@ -47,7 +51,7 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=None, help="batch * seq (default 16384)")
     p.add_argument("--width", type=int, default=None, help="heads * head_dim (default 2048)")
     p.add_argument("--gqa", type=int, default=4, help="query heads per kv head")
-    p.add_argument("--impls", default="ours,cudnn,xla")
+    p.add_argument("--impls", default="ours,ours-mosaic,cudnn,xla")
     p.add_argument("--no_bwd", action="store_true", help="forward only")
     p.add_argument("--no_decode", action="store_true")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10)")
@@ -57,6 +61,13 @@ def parse_args():
     p.add_argument("--block_kv_bwd", type=int, default=None)
     p.add_argument("--num_warps", type=int, default=None)
     p.add_argument("--num_stages", type=int, default=None)
+    p.add_argument("--mosaic_block_q", type=int, default=None,
+                   help="Hopper forward: rows per compute warpgroup (multiple of 64)")
+    p.add_argument("--mosaic_block_kv", type=int, default=None,
+                   help="Hopper forward: keys per step (default: by head dim when no "
+                        "--mosaic_* flag is given, else 128)")
+    p.add_argument("--mosaic_stages", type=int, default=None,
+                   help="Hopper forward: K/V shared-memory slots")
     p.add_argument("--results", default=None,
                    help="markdown file to append to (default benchmarks/RESULTS.md; "
                         "none in --quick mode); '' to skip")
@@ -80,17 +91,30 @@ def random_array(seed, shape, dtype):
     return x.reshape(shape).astype(dtype)
 
 
-def attention_fns(impl, causal, block_sizes, interpret):
-    """(forward, forward+backward) jitted functions of (q, k, v, do) for one impl."""
+def our_block_sizes(impl, block_sizes, interpret):
+    """BlockSizes of one of our variants: "ours" (Triton) or "ours-mosaic" (Hopper forward)."""
     if impl == "ours":
+        return dataclasses.replace(block_sizes, gpu_forward="triton")
+    if interpret:
+        raise ValueError("ours-mosaic needs a Hopper GPU (its CPU interpreter is for tests)")
+    return dataclasses.replace(block_sizes, gpu_forward="mosaic")
+
+
+def attention_fns(impl, causal, block_sizes, interpret, head_dim):
+    """(forward, forward+backward) jitted functions of (q, k, v, do) for one impl."""
+    if impl in ("ours", "ours-mosaic"):
+        ours = our_block_sizes(impl, block_sizes, interpret)
+        if impl == "ours-mosaic" and ours.mosaic is None:
+            ours = dataclasses.replace(ours, mosaic=mosaic_lib.MosaicBlocks.default(head_dim))
+
         def attn(q, k, v):
-            return flash_lib.flash_attention(q, k, v, causal=causal, block_sizes=block_sizes,
+            return flash_lib.flash_attention(q, k, v, causal=causal, block_sizes=ours,
                                              interpret=interpret)
     elif impl in ("cudnn", "xla"):
         def attn(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
     else:
-        raise ValueError(f"unknown impl {impl!r}: use ours, cudnn, xla")
+        raise ValueError(f"unknown impl {impl!r}: use ours, ours-mosaic, cudnn, xla")
 
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(attn, q, k, v)
@@ -109,7 +133,7 @@ def rel_err(x, ref):
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
-def check_correctness(args, block_sizes, interpret, dtype):
+def check_correctness(args, impls, block_sizes, interpret, dtype):
     """Our kernels (bf16, compiled for this device) against the float32 reference.
 
     Timings of a wrong kernel mean nothing, so every run first compares the forward output
@@ -118,7 +142,10 @@ def check_correctness(args, block_sizes, interpret, dtype):
     them by 1e-2).
     """
     T = args.seqs[0]
-    lines = ["| check | D | causal | segments | out | dq | dk | dv |", "|" + "---|" * 8]
+    lines = ["| kernel | check | D | causal | segments | out | dq | dk | dv |", "|" + "---|" * 9]
+    variants = [impl for impl in impls if impl.startswith("ours")]
+    if interpret:
+        variants = [impl for impl in variants if impl == "ours"]
     for D in args.head_dims:
         H = args.width // D
         K = max(1, H // args.gqa)
@@ -131,13 +158,17 @@ def check_correctness(args, block_sizes, interpret, dtype):
         bounds = np.array([0, T // 8, T // 3, T // 2, T - T // 16, T])
         seg = jnp.asarray(np.repeat([1, 2, 3, 4, 0], np.diff(bounds))[None].repeat(B, 0),
                           jnp.int32)
-        for causal, segment_ids in [(False, None), (True, None), (True, seg)]:
+        cases = [(impl, causal, segment_ids) for impl in variants
+                 for causal, segment_ids in [(False, None), (True, None), (True, seg)]
+                 if impl == "ours" or segment_ids is None]   # mosaic: no segment ids
+        for impl, causal, segment_ids in cases:
             def run(attn, *xs):
                 out, vjp = jax.vjp(attn, *xs)
                 return (out, *vjp(do.astype(out.dtype)))
+            ours_blocks = our_block_sizes(impl, block_sizes, interpret)
             ours = jax.jit(lambda q, k, v: run(
                 lambda q, k, v: flash_lib.flash_attention(
-                    q, k, v, segment_ids=segment_ids, causal=causal, block_sizes=block_sizes,
+                    q, k, v, segment_ids=segment_ids, causal=causal, block_sizes=ours_blocks,
                     interpret=interpret), q, k, v))
             ref = jax.jit(lambda q, k, v: run(
                 lambda q, k, v: reference.attention(q, k, v, segment_ids=segment_ids,
@@ -149,7 +180,7 @@ def check_correctness(args, block_sizes, interpret, dtype):
             except Exception as err:
                 errs = ["–"] * 4
                 print(f"  check failed D={D} causal={causal}: {short_error(err)}", flush=True)
-            lines.append(f"| T={T} | {D} | {'yes' if causal else 'no'} | "
+            lines.append(f"| {impl} | T={T} | {D} | {'yes' if causal else 'no'} | "
                          f"{'packed' if segment_ids is not None else 'none'} | "
                          + " | ".join(errs) + " |")
             print("  " + lines[-1], flush=True)
@@ -171,7 +202,11 @@ def bench_training(args, impls, block_sizes, interpret, dtype):
                 flops = 4.0 * B * H * T * T * D / (2 if causal else 1)
                 row = {"T": T, "D": D, "B": B, "H": H, "K": K, "causal": causal}
                 for impl in impls:
-                    fwd, fwd_bwd = attention_fns(impl, causal, block_sizes, interpret)
+                    try:
+                        fwd, fwd_bwd = attention_fns(impl, causal, block_sizes, interpret, D)
+                    except ValueError as err:
+                        print(f"  skip {impl}: {err}", flush=True)
+                        continue
                     for mode, fn, fargs, mult in [("fwd", fwd, (q, k, v, do), 1.0),
                                                   ("fwdbwd", fwd_bwd, (q, k, v, do), 3.5)]:
                         if mode == "fwdbwd" and args.no_bwd:
@@ -193,12 +228,12 @@ def bench_training(args, impls, block_sizes, interpret, dtype):
 
 def training_table(rows, impls, no_bwd):
     modes = ["fwd"] if no_bwd else ["fwd", "fwdbwd"]
-    others = [i for i in impls if i != "ours"]
+    ours_impls = [i for i in impls if i.startswith("ours")]
+    others = [i for i in impls if not i.startswith("ours")]
     header = ["seq", "D", "B x H/K", "causal"]
     for mode in modes:
         header += [f"{mode} {i}" for i in impls]
-        if "ours" in impls:
-            header += [f"{mode} ours/{i}" for i in others]
+        header += [f"{mode} {o}/{i}" for o in ours_impls for i in others]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = lambda x: f"{x:.3g}" if x is not None else "–"
     for r in rows:
@@ -206,8 +241,8 @@ def training_table(rows, impls, no_bwd):
                  "yes" if r["causal"] else "no"]
         for mode in modes:
             cells += [fmt(r.get((i, mode))) for i in impls]
-            if "ours" in impls:
-                ours = r.get(("ours", mode))
+            for o in ours_impls:
+                ours = r.get((o, mode))
                 for i in others:
                     other = r.get((i, mode))
                     cells.append(f"{ours / other:.2f}" if ours and other else "–")
@@ -286,12 +321,17 @@ def main():
     overrides = {name: getattr(args, name) for name in
                  ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "num_warps",
                   "num_stages") if getattr(args, name) is not None}
+    mosaic_overrides = {name: getattr(args, "mosaic_" + name.replace("num_", ""))
+                        for name in ("block_q", "block_kv", "num_stages")
+                        if getattr(args, "mosaic_" + name.replace("num_", "")) is not None}
+    if mosaic_overrides:
+        overrides["mosaic"] = mosaic_lib.MosaicBlocks(**mosaic_overrides)
     block_sizes = flash_lib.BlockSizes(**{**defaults.__dict__, **overrides})
     dtype = jnp.bfloat16
     print(f"device {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{'interpret mode, ' if interpret else ''}blocks {block_sizes}", flush=True)
 
-    check_md = check_correctness(args, block_sizes, interpret, dtype)
+    check_md = check_correctness(args, impls, block_sizes, interpret, dtype)
     print("\nRelative error vs the float32 reference (bf16 inputs)")
     print(check_md)
     rows = bench_training(args, impls, block_sizes, interpret, dtype)

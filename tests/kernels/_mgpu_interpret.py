@@ -49,10 +49,11 @@ def _thread_context(device_id, grid_point_coords, thread_id):
 def _read_view(memory, thread, info, key_array, transforms):
     """Contents of a shared-memory view: indexers first, then at most one transpose."""
     transforms = gpu_callbacks._remove_noop_transforms(transforms)
-    indexers = [t for t in transforms if not isinstance(t, state_types.TransposeTransform)]
-    transposes = [t for t in transforms if isinstance(t, state_types.TransposeTransform)]
-    if transforms[:len(indexers)] != tuple(indexers) and list(transforms[:len(indexers)]) != indexers:
-        raise NotImplementedError(f"transpose before an index in {transforms}")
+    is_transpose = [isinstance(t, state_types.TransposeTransform) for t in transforms]
+    if any(later < earlier for earlier, later in zip(is_transpose, is_transpose[1:])):
+        raise NotImplementedError(f"an index after a transpose in {transforms}")
+    indexers = [t for t, tr in zip(transforms, is_transpose) if not tr]
+    transposes = [t for t, tr in zip(transforms, is_transpose) if tr]
     value, _, _ = memory.get_buffer_content(
         gpu_callbacks.HostAllocationKey.from_array(key_array),
         interpret_utils.to_range(jax.tree.map(int, indexers)), thread, logging_info=info)
