@@ -8,8 +8,9 @@ Training attention, bf16, FlashAttention convention: forward FLOPs 4 * B * H * T
 2.5x). Shapes follow /work/shared/KERNEL-ANCHORS.md: heads * head_dim = 2048, batch * seq =
 16k tokens, GQA 4 query heads per kv head, seq 1k..16k, head dim 64 and 128, causal and not.
 Each shape runs ours (kernels/flash_attention.py: "ours" = Triton forward and backward,
-"ours-mosaic" = the Hopper Mosaic GPU forward of kernels/flash_attention_mgpu.py with the
-Triton backward), `jax.nn.dot_product_attention` with implementation="cudnn" and with "xla";
+"ours-mosaic" = the Hopper Mosaic GPU kernels of kernels/flash_attention_mgpu.py, where they
+apply; "ours-mosaic-fwd" = Mosaic forward, Triton backward, not run by default),
+`jax.nn.dot_product_attention` with implementation="cudnn" and with "xla";
 an implementation that fails (no GPU, not Hopper, out of memory) is skipped with the reason
 printed.
 
@@ -67,7 +68,11 @@ def parse_args():
                    help="Hopper forward: keys per step (default: by head dim when no "
                         "--mosaic_* flag is given, else 128)")
     p.add_argument("--mosaic_stages", type=int, default=None,
-                   help="Hopper forward: K/V shared-memory slots")
+                   help="Hopper kernels: shared-memory slots of the streamed blocks")
+    p.add_argument("--mosaic_bwd_block_q", type=int, default=None,
+                   help="Hopper backward: dQ rows per warpgroup, queries per dK/dV step")
+    p.add_argument("--mosaic_bwd_block_kv", type=int, default=None,
+                   help="Hopper backward: dK/dV rows per warpgroup, keys per dQ step")
     p.add_argument("--results", default=None,
                    help="markdown file to append to (default benchmarks/RESULTS.md; "
                         "none in --quick mode); '' to skip")
@@ -91,20 +96,26 @@ def random_array(seed, shape, dtype):
     return x.reshape(shape).astype(dtype)
 
 
+OUR_VARIANTS = {  # impl -> (forward, backward) kernel families
+    "ours": ("triton", "triton"),
+    "ours-mosaic": ("mosaic", "mosaic"),
+    "ours-mosaic-fwd": ("mosaic", "triton"),
+}
+
+
 def our_block_sizes(impl, block_sizes, interpret):
-    """BlockSizes of one of our variants: "ours" (Triton) or "ours-mosaic" (Hopper forward)."""
-    if impl == "ours":
-        return dataclasses.replace(block_sizes, gpu_forward="triton")
-    if interpret:
-        raise ValueError("ours-mosaic needs a Hopper GPU (its CPU interpreter is for tests)")
-    return dataclasses.replace(block_sizes, gpu_forward="mosaic")
+    """BlockSizes of one of our variants (OUR_VARIANTS)."""
+    forward, backward = OUR_VARIANTS[impl]
+    if interpret and "mosaic" in (forward, backward):
+        raise ValueError(f"{impl} needs a Hopper GPU (its CPU interpreter is for tests)")
+    return dataclasses.replace(block_sizes, gpu_forward=forward, gpu_backward=backward)
 
 
 def attention_fns(impl, causal, block_sizes, interpret, head_dim):
     """(forward, forward+backward) jitted functions of (q, k, v, do) for one impl."""
-    if impl in ("ours", "ours-mosaic"):
+    if impl in OUR_VARIANTS:
         ours = our_block_sizes(impl, block_sizes, interpret)
-        if impl == "ours-mosaic" and ours.mosaic is None:
+        if impl != "ours" and ours.mosaic is None:
             ours = dataclasses.replace(ours, mosaic=mosaic_lib.MosaicBlocks.default(head_dim))
 
         def attn(q, k, v):
@@ -114,7 +125,7 @@ def attention_fns(impl, causal, block_sizes, interpret, head_dim):
         def attn(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
     else:
-        raise ValueError(f"unknown impl {impl!r}: use ours, ours-mosaic, cudnn, xla")
+        raise ValueError(f"unknown impl {impl!r}: use {', '.join(OUR_VARIANTS)}, cudnn, xla")
 
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(attn, q, k, v)
@@ -321,9 +332,10 @@ def main():
     overrides = {name: getattr(args, name) for name in
                  ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "num_warps",
                   "num_stages") if getattr(args, name) is not None}
-    mosaic_overrides = {name: getattr(args, "mosaic_" + name.replace("num_", ""))
-                        for name in ("block_q", "block_kv", "num_stages")
-                        if getattr(args, "mosaic_" + name.replace("num_", "")) is not None}
+    mosaic_flags = {"block_q": args.mosaic_block_q, "block_kv": args.mosaic_block_kv,
+                    "num_stages": args.mosaic_stages, "bwd_block_q": args.mosaic_bwd_block_q,
+                    "bwd_block_kv": args.mosaic_bwd_block_kv}
+    mosaic_overrides = {name: value for name, value in mosaic_flags.items() if value is not None}
     if mosaic_overrides:
         overrides["mosaic"] = mosaic_lib.MosaicBlocks(**mosaic_overrides)
     block_sizes = flash_lib.BlockSizes(**{**defaults.__dict__, **overrides})

@@ -28,14 +28,15 @@ Backends (picked from `jax.default_backend()` unless `interpret=True`):
 - gpu: the Triton backend (`pallas.triton.CompilerParams` with num_warps/num_stages) for all
   three kernels: they are written in the array-per-program style that Triton lowers and the
   Pallas interpreter runs, so one formulation is tested on CPU and runs on GPU.
-  `BlockSizes(gpu_forward="mosaic")` replaces the forward on Hopper with the warp-specialised
-  Mosaic GPU kernel of `flash_attention_mgpu.py` (wgmma, TMA, ping-pong warpgroups) where it
-  applies (bf16/f16, head dim a multiple of 64 up to 256, no segment ids or key padding mask)
-  and keeps Triton elsewhere; the backward stays Triton and reads the Mosaic forward's LSE.
-  Triton is the default until the two are measured against each other on a Hopper GPU
-  (benchmarks/attention.py runs both). The Mosaic forward runs on CPU in jax's Mosaic GPU
+  `BlockSizes(gpu_forward="mosaic", gpu_backward="mosaic")` replaces the forward and/or the
+  backward on Hopper with the warp-specialised Mosaic GPU kernels of
+  `flash_attention_mgpu.py` (wgmma, TMA, a producer warpgroup) where they apply (bf16/f16,
+  head dim a multiple of 64 up to 256 (backward: 128), no segment ids or key padding mask)
+  and keeps Triton elsewhere; both families save the same LSE, so they mix freely. Triton is
+  the default until they are measured against each other on a Hopper GPU
+  (benchmarks/attention.py runs both). The Mosaic kernels run on CPU in jax's Mosaic GPU
   interpreter (tests/kernels/_mgpu_interpret.py): pass its `InterpretGPUParams` as
-  `interpret=` to use it inside this wrapper.
+  `interpret=` to use them inside this wrapper.
 - tpu: Mosaic TPU with all grid axes "parallel". TPU tiling needs [B, H, T, D] blocks, so the
   wrapper transposes to that layout. Each program holds whole rows in VMEM (one head's K/V in
   the forward and dQ kernels, the group's Q and dO in dK/dV), which bounds the sequence
@@ -79,9 +80,9 @@ class BlockSizes:
     block_q_bwd / block_kv_bwd: the same for both backward kernels (dK/dV programs own
     block_kv_bwd keys and step over block_q_bwd queries; dQ programs the other way round).
     num_warps / num_stages: Triton only; None = chosen from the head dim.
-    gpu_forward: "triton", or "mosaic" for the Hopper forward of flash_attention_mgpu.py
-        wherever it applies (Triton elsewhere; the backward is always Triton).
-    mosaic: the Mosaic forward's tiles; None = MosaicBlocks.default(head dim).
+    gpu_forward / gpu_backward: "triton", or "mosaic" for the Hopper kernels of
+        flash_attention_mgpu.py wherever they apply (Triton elsewhere).
+    mosaic: the Mosaic kernels' tiles; None = MosaicBlocks.default(head dim).
     Blocks are clamped to the (power-of-two rounded) sequence length for short inputs.
     """
     block_q: int = 128
@@ -91,12 +92,14 @@ class BlockSizes:
     num_warps: int | None = None
     num_stages: int | None = None
     gpu_forward: str = "triton"
+    gpu_backward: str = "triton"
     mosaic: mgpu.MosaicBlocks | None = None
 
     def __post_init__(self):
-        if self.gpu_forward not in ("triton", "mosaic"):
-            raise ValueError(f"gpu_forward must be 'triton' or 'mosaic', got "
-                             f"{self.gpu_forward!r}")
+        for name in ("gpu_forward", "gpu_backward"):
+            if getattr(self, name) not in ("triton", "mosaic"):
+                raise ValueError(f"{name} must be 'triton' or 'mosaic', got "
+                                 f"{getattr(self, name)!r}")
 
     @classmethod
     def default(cls, backend: str | None = None) -> "BlockSizes":
@@ -130,7 +133,9 @@ class _Config:
     num_warps: int | None
     num_stages: int | None
     target: str             # 'interpret' | 'gpu' | 'tpu'
-    mosaic: mgpu.MosaicBlocks | None = None   # Hopper forward (backward stays Triton)
+    mosaic: mgpu.MosaicBlocks | None = None   # tiles of the Hopper kernels in use
+    mosaic_forward: bool = False
+    mosaic_backward: bool = False
     mosaic_interpret: object = None           # InterpretGPUParams for the CPU interpreter
 
     @property
@@ -423,7 +428,7 @@ def _call(cfg, kernel, name, *, grid, ins, outs, segment_inputs):
 
 def _fwd_call(cfg, q, k, v, q_seg, kv_seg):
     """Forward pallas_call on kernel-layout arrays -> (o like q, lse float32 [B, H, 1, T])."""
-    if cfg.mosaic is not None:
+    if cfg.mosaic_forward:
         o, lse = mgpu.flash_forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
                                     blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
         return o, lse[:, :, None, :]
@@ -503,6 +508,11 @@ def _flash_bwd(cfg, res, cotangents):
         delta = delta.transpose(0, 2, 1)                       # [B, T, H] -> [B, H, T]
     delta = delta[:, :, None, :] - dlse
     do = do.astype(q.dtype)
+    if cfg.mosaic_backward:
+        dq, dk, dv = mgpu.flash_backward(q, k, v, do, lse[:, :, 0], delta[:, :, 0],
+                                         causal=cfg.causal, sm_scale=cfg.sm_scale,
+                                         blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
+        return dq, dk, dv, None, None
     dq = _dq_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg)
     dk, dv = _dkdv_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg)
     return dq, dk, dv, None, None
@@ -540,8 +550,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
         block_sizes: BlockSizes; default BlockSizes.default() for the backend.
         interpret: run in the Pallas interpreter (required on CPU). A Mosaic GPU
-            `InterpretGPUParams` also interprets the Hopper forward when block_sizes asks for
-            it (gpu_forward="mosaic"); see tests/kernels/_mgpu_interpret.py.
+            `InterpretGPUParams` also interprets the Hopper kernels that block_sizes asks
+            for (gpu_forward / gpu_backward="mosaic"); see tests/kernels/_mgpu_interpret.py.
         return_lse: also return the log-sum-exp of the scaled scores.
         _target: 'gpu' or 'tpu' to build that backend's kernels regardless of the default
             backend (for lowering checks on CPU); not for normal use.
@@ -582,16 +592,20 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     bk = _clamp_block(block_sizes.block_kv, S)
     bkb = _clamp_block(block_sizes.block_kv_bwd, S)
     gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
-    mosaic = None
-    if (block_sizes.gpu_forward == "mosaic" and (target == "gpu" or gpu_interpreter)
-            and mgpu.unsupported_reason(q.dtype, D, segments=segment_ids is not None) is None):
-        mosaic = block_sizes.mosaic or mgpu.MosaicBlocks.default(D)
+    mosaic_ok = lambda backward: (
+        (target == "gpu" or gpu_interpreter is not None)
+        and mgpu.unsupported_reason(q.dtype, D, segments=segment_ids is not None,
+                                    backward=backward) is None)
+    use_forward = block_sizes.gpu_forward == "mosaic" and mosaic_ok(False)
+    use_backward = block_sizes.gpu_backward == "mosaic" and mosaic_ok(True)
+    mosaic = (block_sizes.mosaic or mgpu.MosaicBlocks.default(D)
+              if use_forward or use_backward else None)
 
     def padded_lengths(mosaic):
         q_blocks, kv_blocks = [bq, bqb], [bk, bkb]
         if mosaic is not None:
-            q_blocks.append(mosaic.rows_per_program)
-            kv_blocks.append(mosaic.block_kv)
+            q_blocks.append(mosaic.q_multiple)
+            kv_blocks.append(mosaic.kv_multiple)
         if T == S:
             # Equal padded lengths keep the causal diagonal arithmetic in block units exact.
             return (_round_up(T, math.lcm(*q_blocks, *kv_blocks)),) * 2
@@ -624,7 +638,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
                   sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
                   block_q=bq, block_kv=bk, block_q_bwd=bqb, block_kv_bwd=bkb,
                   num_warps=num_warps, num_stages=block_sizes.num_stages, target=target,
-                  mosaic=mosaic, mosaic_interpret=gpu_interpreter if mosaic else None)
+                  mosaic=mosaic,
+                  mosaic_forward=mosaic is not None and use_forward,
+                  mosaic_backward=mosaic is not None and use_backward,
+                  mosaic_interpret=gpu_interpreter if mosaic else None)
 
     pad = lambda x, L: jnp.pad(x, ((0, 0), (0, L - x.shape[1]), (0, 0), (0, 0)))
     q_k, k_k, v_k = pad(q, T_pad), pad(k, S_pad), pad(v, S_pad)

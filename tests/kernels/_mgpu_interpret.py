@@ -1,22 +1,25 @@
-"""Run Mosaic GPU (Hopper) Pallas kernels on CPU: jax's GPU interpreter plus three rules.
+"""Run Mosaic GPU (Hopper) Pallas kernels on CPU: jax's GPU interpreter plus four rules.
 
 jax ships an interpreter for Mosaic GPU kernels (`InterpretGPUParams`: simulated shared
-memory, warpgroups as threads, TMA copies and mbarriers). In jax 0.10.2 its wgmma rule only
-takes both operands from shared memory without a transpose, and it has no rule for storing
-into a wgmma accumulator. The Hopper flash-attention forward needs all three: S = Q K^T
-reads K through a transposed view, P V takes P from registers, and the running output is
-stored into the accumulator before each P V matmul; register layouts are cast.
-`extended_gpu_interpreter()` adds:
+memory, warpgroups as threads, TMA copies and mbarriers). In jax 0.10.2 it lacks what the
+Hopper flash-attention kernels use: its wgmma rule takes both operands from shared memory
+without a transpose (S = Q K^T reads K through a transposed view; P V takes P from
+registers), and it has no rule for storing into a wgmma accumulator (the running output
+before each P V matmul), for register layout casts, or for `plgpu.load` (the backward's row
+statistics). `extended_gpu_interpreter()` adds:
 
 - wgmma with a register (array) left operand and index-then-transpose views of either
   shared-memory operand: acc += a @ b computed in float32 like the hardware;
-- `wgmma_accumulator_store`: overwrite the accumulator with a register array;
+- `wgmma_accumulator_store` and `plgpu.load`, rewritten into the ref swap / get the
+  interpreter has, so they stay in its token chain (ordered after the TMA copies and the
+  barrier waits before them);
 - `layout_cast` (which thread holds which register element): the identity.
 
 Everything else (TMA, barriers, the three warpgroups, the grid) is jax's own interpreter, so
-a deadlock or a missing barrier wait in the kernel still shows up here. The rules read
-interpreter internals; if jax moves them, `extended_gpu_interpreter` fails loudly instead of
-running the kernel some other way.
+a deadlock or a missing barrier wait in a kernel still shows up here, and shared memory
+starts as NaN so a read before its copy lands poisons the result. The rules use interpreter
+internals; if jax moves them, `extended_gpu_interpreter` fails loudly instead of running the
+kernels some other way.
 """
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ import jax
 import numpy as np
 
 from jax._src import callback
+from jax._src import core as jax_core
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as gpu_core
 from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax._src.state import primitives as state_primitives
 from jax._src.state import types as state_types
 
 _Interpreter = jaxpr_interpret.JaxprInterpreter
@@ -76,13 +81,6 @@ def _wgmma_callback(*, token, device_id, grid_point_coords, thread_id, acc, acc_
     return token
 
 
-def _accumulator_store_callback(*, token, device_id, grid_point_coords, thread_id, acc, value):
-    memory, thread, info = _thread_context(device_id, grid_point_coords, thread_id)
-    memory.store_buffer_content(gpu_callbacks.HostAllocationKey.from_array(acc), (),
-                                np.asarray(value), thread, logging_info=info)
-    return token
-
-
 def _interpret_wgmma(self, eqn, token, get_invals):
     acc, a, b, *leaves = get_invals()
     empty = jax.tree.structure([])
@@ -100,23 +98,38 @@ def _interpret_wgmma(self, eqn, token, get_invals):
     return token, []
 
 
-def _interpret_arithmetic_or_store(original):
+def _interpret_layout_cast(original):
     def interpret(self, eqn, get_invals):
         if eqn.primitive is gpu_core.layout_cast_p:
             # A register layout only says which thread holds which element.
             (value,) = get_invals()
             return value
-        if eqn.primitive is not gpu_primitives.wgmma_accumulator_store_p:
-            return original(self, eqn, get_invals)
-        acc, value = get_invals()
-        # Ordered io_callbacks run in program order, so this store lands between the
-        # accumulator reads and wgmma updates around it without threading the token.
-        callback.io_callback(
-            _accumulator_store_callback, gpu_callbacks.TOKEN_SHAPE_DTYPE,
-            token=jax.numpy.int32(0), device_id=self.device_info.device_id,
-            grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc,
-            value=value, ordered=True)
-        return []
+        return original(self, eqn, get_invals)
+    return interpret
+
+
+def _as_ref_access(eqn):
+    """Memory primitives the interpreter lacks, as the ref get / swap it has.
+
+    Rewriting the equation (rather than adding a callback) keeps the access in the
+    interpreter's token chain, which is what orders it after the TMA copies and barrier
+    waits before it.
+    """
+    if eqn.primitive is gpu_primitives.load_p:
+        return eqn.replace(primitive=state_primitives.get_p,
+                           params={"tree": eqn.params["tree"]})
+    if eqn.primitive is gpu_primitives.wgmma_accumulator_store_p:
+        acc, value = eqn.invars
+        return eqn.replace(primitive=state_primitives.swap_p, invars=[acc, value],
+                           outvars=[jax_core.DropVar(value.aval)],
+                           params={"tree": jax.tree.structure(())})
+    return eqn
+
+
+def _interpret_rewritten(original):
+    def interpret(self, jaxpr, token, *args):
+        return original(self, jaxpr.replace(eqns=[_as_ref_access(e) for e in jaxpr.eqns]),
+                        token, *args)
     return interpret
 
 
@@ -126,14 +139,18 @@ def extended_gpu_interpreter():
 
     Yields the `interpret=` argument for `plgpu.kernel` (an `InterpretGPUParams`).
     """
-    for name in ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive"):
+    names = ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive", "interpret")
+    for name in names:
         if not hasattr(_Interpreter, name):
             raise RuntimeError(f"jax's Mosaic GPU interpreter has no {name}: update "
                                f"{__name__} for this jax version ({jax.__version__})")
-    saved = (_Interpreter._interpret_wgmma_ref_p, _Interpreter._interpret_arithmetic_primitive)
+    saved = {name: getattr(_Interpreter, name) for name in names}
     _Interpreter._interpret_wgmma_ref_p = _interpret_wgmma
-    _Interpreter._interpret_arithmetic_primitive = _interpret_arithmetic_or_store(saved[1])
+    _Interpreter._interpret_arithmetic_primitive = _interpret_layout_cast(
+        saved["_interpret_arithmetic_primitive"])
+    _Interpreter.interpret = _interpret_rewritten(saved["interpret"])
     try:
         yield InterpretGPUParams()
     finally:
-        _Interpreter._interpret_wgmma_ref_p, _Interpreter._interpret_arithmetic_primitive = saved
+        for name, method in saved.items():
+            setattr(_Interpreter, name, method)

@@ -1,10 +1,11 @@
-"""kernels/flash_attention_mgpu.py: the Hopper (Mosaic GPU) flash-attention forward.
+"""kernels/flash_attention_mgpu.py: the Hopper (Mosaic GPU) flash-attention kernels.
 
-On CPU the kernel runs in jax's Mosaic GPU interpreter (three warpgroups as threads, TMA
-copies and mbarriers simulated) extended by `_mgpu_interpret.py`, and is compared with the
-float32 plain-jnp reference: output, log-sum-exp, and, through the flash_attention wrapper
-with its Triton-formulation backward, the q/k/v gradients. The compiled kernel is lowered
-for CUDA from CPU; running it needs a Hopper GPU (the compiled tests at the end).
+On CPU the kernels run in jax's Mosaic GPU interpreter (three warpgroups as threads, TMA
+copies and mbarriers simulated) extended by `_mgpu_interpret.py`, and are compared with the
+float32 plain-jnp reference: forward output and log-sum-exp, the backward's q/k/v gradients
+(given the reference LSE and delta), and the whole flash_attention wrapper with Mosaic
+kernels, alone and mixed with the Triton-formulation ones. The compiled kernels are lowered
+for CUDA from CPU; running them needs a Hopper GPU (the compiled test at the end).
 """
 import re
 
@@ -80,19 +81,59 @@ def test_forward_matches_reference(causal, T, H, K, D, block_kv, dtype):
     np.testing.assert_allclose(lse, reference_lse(q, k, causal, sm_scale), atol=LSE_TOL)
 
 
-def test_wrapper_uses_it_and_gradients_match_reference():
-    """flash_attention with gpu_forward="mosaic": odd length (padded), GQA 2, causal; the
-    Hopper kernel runs the forward and the Triton-formulation backward reads its LSE."""
+# (causal, T, H, K, D): one tile and several; GQA 1, 2 and 4; head dims 64 and 128; causal
+# dK/dV tiles whose second warpgroup masks whole blocks and dQ tiles whose first warpgroup
+# stops early.
+BACKWARD_CASES = [
+    (False, 128, 1, 1, 64),
+    (True, 256, 2, 1, 64),
+    pytest.param(True, 256, 4, 2, 128, marks=pytest.mark.slow),
+    pytest.param(False, 256, 4, 1, 128, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("causal,T,H,K,D", BACKWARD_CASES)
+def test_backward_matches_reference(causal, T, H, K, D):
+    dtype = jnp.bfloat16
+    q, k, v = qkv(T + D + H + 1, 1, T, H, K, D, dtype)
+    do = normal(jax.random.key(T), (1, T, H, D), dtype)
+    sm_scale = 0.7 / D ** 0.5
+    f32 = lambda x: x.astype(jnp.float32)
+    o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=causal,
+                                                             sm_scale=sm_scale),
+                         f32(q), f32(k), f32(v))
+    lse = reference_lse(q, k, causal, sm_scale)
+    delta = jnp.einsum("bthd,bthd->bht", o, f32(do))
+    with extended_gpu_interpreter() as interpret:
+        grads = mgpu.flash_backward(q, k, v, do, lse, delta, causal=causal, sm_scale=sm_scale,
+                                    blocks=mgpu.MosaicBlocks(block_kv=64),
+                                    interpret=interpret)
+    for name, g, x, ref_g in zip("qkv", grads, (q, k, v), ref_vjp(f32(do))):
+        assert g.shape == x.shape and g.dtype == dtype, name
+        assert rel_err(g, ref_g) < HALF_TOL, name
+
+
+@pytest.mark.parametrize("gpu_forward,gpu_backward,kernels", [
+    ("mosaic", "mosaic", ("fwd", "dq", "dkv")),
+    pytest.param("mosaic", "triton", ("fwd",), marks=pytest.mark.slow),
+    pytest.param("triton", "mosaic", ("dq", "dkv"), marks=pytest.mark.slow),
+])
+def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backward, kernels):
+    """flash_attention with Mosaic kernels, alone or mixed with the Triton-formulation ones:
+    odd length (padded), GQA 2, causal."""
     B, T, H, K, D = 1, 200, 2, 1, 64
     q, k, v = qkv(3, B, T, H, K, D, jnp.bfloat16)
     do = normal(jax.random.key(4), (B, T, H, D), jnp.float32)
     blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
-                           gpu_forward="mosaic", mosaic=mgpu.MosaicBlocks(block_kv=64))
+                           gpu_forward=gpu_forward, gpu_backward=gpu_backward,
+                           mosaic=mgpu.MosaicBlocks(block_kv=64))
     f32 = lambda x: x.astype(jnp.float32)
     with extended_gpu_interpreter() as interpret:
         attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, block_sizes=blocks,
                                                   interpret=interpret)
-        assert "flash_attention_fwd_hopper" in str(jax.make_jaxpr(attn)(q, k, v))
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attn, q, k, v)[1](q))(q, k, v))
+        for name in ("fwd", "dq", "dkv"):
+            assert (f"flash_attention_{name}_hopper" in jaxpr) == (name in kernels), name
         o, vjp = jax.vjp(attn, q, k, v)
         grads = vjp(do.astype(o.dtype))
     ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=True),
@@ -110,17 +151,23 @@ def test_wrapper_uses_it_and_gradients_match_reference():
     (jnp.float16, 256, False, None),
 ])
 def test_unsupported_reason(dtype, D, segments, reason):
+    assert "backward" in mgpu.unsupported_reason(jnp.bfloat16, 256, segments=False,
+                                                 backward=True)
     got = mgpu.unsupported_reason(dtype, D, segments=segments)
     assert (got is None) if reason is None else (reason in got)
 
 
 def test_bad_blocks_and_lengths_are_refused():
-    with pytest.raises(ValueError, match="multiples of 64"):
+    with pytest.raises(ValueError, match="block_q .32. must be a multiple of 64"):
         mgpu.MosaicBlocks(block_q=32)
+    with pytest.raises(ValueError, match="bwd_block_kv .96. must be a multiple of 64"):
+        mgpu.MosaicBlocks(bwd_block_kv=96)
     with pytest.raises(ValueError, match="num_stages"):
         mgpu.MosaicBlocks(num_stages=1)
     with pytest.raises(ValueError, match="gpu_forward"):
         fa.BlockSizes(gpu_forward="cutlass")
+    with pytest.raises(ValueError, match="gpu_backward"):
+        fa.BlockSizes(gpu_backward="cudnn")
     q = jnp.zeros((1, 100, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiples of 128"):
         mgpu.flash_forward(q, q, q, causal=True, sm_scale=0.1, blocks=mgpu.MosaicBlocks())
@@ -130,15 +177,17 @@ def test_bad_blocks_and_lengths_are_refused():
 
 
 # --------------------------------------------------------------------------------------
-# Lowered for CUDA from CPU: the Hopper forward plus Triton dQ and dK/dV; the fallbacks
+# Lowered for CUDA from CPU: Mosaic and Triton kernels as asked; the fallbacks
 # --------------------------------------------------------------------------------------
 
-def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward, S=None):
+def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward="mosaic",
+                  gpu_backward="mosaic", S=None):
+    """(Mosaic GPU calls, Triton calls) of a jitted forward + backward lowered for CUDA."""
     q = jnp.zeros((B, T, H, D), dtype)
     k = jnp.zeros((B, S or T, K, D), dtype)
     seg = jnp.ones((B, T), jnp.int32) if segments else None
     blocks = fa.BlockSizes(**{**fa.BlockSizes.default("gpu").__dict__,
-                              "gpu_forward": gpu_forward})
+                              "gpu_forward": gpu_forward, "gpu_backward": gpu_backward})
 
     def fwd_bwd(q, k, v, seg):
         fn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=causal,
@@ -151,10 +200,19 @@ def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward, S=None
     return calls.count("mosaic_gpu_v2"), calls.count("__gpu$xla.gpu.triton")
 
 
-@pytest.mark.parametrize("causal,T,D", [(True, 1000, 64), (False, 1024, 128), (True, 512, 256)])
-def test_lowers_for_hopper(causal, T, D):
-    assert lowered_calls(2, T, 8, 2, D, jnp.bfloat16, causal=causal, segments=False,
-                         gpu_forward="mosaic") == (1, 2)
+@pytest.mark.parametrize("causal,T,D,calls", [(True, 1000, 64, (3, 0)),
+                                               (False, 1024, 128, (3, 0)),
+                                               (True, 512, 256, (1, 2))])   # bwd: Triton
+def test_lowers_for_hopper(causal, T, D, calls):
+    """Default tiles lower (Mosaic checks they fit the 227 KiB of shared memory)."""
+    assert lowered_calls(2, T, 8, 2, D, jnp.bfloat16, causal=causal, segments=False) == calls
+
+
+@pytest.mark.parametrize("gpu_forward,gpu_backward,calls", [("mosaic", "triton", (1, 2)),
+                                                            ("triton", "mosaic", (2, 1))])
+def test_lowers_mixed(gpu_forward, gpu_backward, calls):
+    assert lowered_calls(1, 512, 4, 1, 128, jnp.bfloat16, causal=True, segments=False,
+                         gpu_forward=gpu_forward, gpu_backward=gpu_backward) == calls
 
 
 @pytest.mark.parametrize("dtype,segments,T,S,causal", [
@@ -164,7 +222,7 @@ def test_lowers_for_hopper(causal, T, D):
 ])
 def test_falls_back_to_triton(dtype, segments, T, S, causal):
     assert lowered_calls(1, T, 4, 2, 64, dtype, causal=causal, segments=segments,
-                         gpu_forward="mosaic", S=S) == (0, 3)
+                         S=S) == (0, 3)
 
 
 # --------------------------------------------------------------------------------------
@@ -184,7 +242,8 @@ def test_compiled_on_hopper(causal, D):
     B, T, H, K = 2, 1000, 8, 2
     q, k, v = qkv(D, B, T, H, K, D, jnp.bfloat16)
     do = normal(jax.random.key(9), (B, T, H, D), jnp.bfloat16)
-    blocks = fa.BlockSizes(**{**fa.BlockSizes.default("gpu").__dict__, "gpu_forward": "mosaic"})
+    blocks = fa.BlockSizes(**{**fa.BlockSizes.default("gpu").__dict__, "gpu_forward": "mosaic",
+                              "gpu_backward": "mosaic"})
     attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=causal, block_sizes=blocks)
     o, vjp = jax.vjp(jax.jit(attn), q, k, v)
     grads = vjp(do)
