@@ -130,6 +130,14 @@ def _kv_steps_before(row_end, bk):
     return lax.div(row_end + (bk - 1), jnp.int32(bk))
 
 
+def _query_tile(causal, num_tiles):
+    """This program's query tile. Under causal masking later tiles have more work: they are
+    numbered first so that they start first and the short ones fill the tail (the grid's
+    first axis, heads, varies fastest, so all heads of one tile launch together)."""
+    tile = lax.axis_index("q_tiles")
+    return (num_tiles - 1) - tile if causal else tile
+
+
 def _slot(j, num_stages):
     return lax.rem(j, jnp.int32(num_stages))
 
@@ -184,7 +192,8 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
     """
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
-    tile = lax.axis_index("q_tiles")
+    # Causal attention has T == S, so the kv length also counts the query tiles.
+    tile = _query_tile(causal, kv_len // (_COMPUTE_WARPGROUPS * bq))
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem = smem
     k_loaded, v_loaded, q_loaded = loaded
@@ -403,7 +412,8 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
     row_loaded: four [2] barriers (q, do, lse, delta); loaded / consumed: (k, v) [stages].
     """
     b, h = lax.axis_index("batch"), lax.axis_index("heads")
-    tile, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
+    tile = _query_tile(causal, kv_len // (_COMPUTE_WARPGROUPS * bq))    # causal: T == S
+    wg = lax.axis_index("wg")
     q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
     (k_loaded, v_loaded), (k_consumed, v_consumed) = loaded, consumed
     D, dtype = q_smem.shape[-1], q_smem.dtype
