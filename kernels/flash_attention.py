@@ -592,8 +592,13 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     bk = _clamp_block(block_sizes.block_kv, S)
     bkb = _clamp_block(block_sizes.block_kv_bwd, S)
     gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
+    scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    # On a real GPU only Hopper has wgmma; `_target="gpu"` (lowering from CPU) and the
+    # interpreter are not tied to a device.
+    gpu_is_hopper = (_target is not None or jax.default_backend() != "gpu"
+                     or mgpu.is_hopper(jax.devices()[0]))
     mosaic_ok = lambda backward: (
-        (target == "gpu" or gpu_interpreter is not None)
+        ((target == "gpu" and gpu_is_hopper) or gpu_interpreter is not None) and scale > 0
         and mgpu.unsupported_reason(q.dtype, D, segments=segment_ids is not None,
                                     backward=backward) is None)
     use_forward = block_sizes.gpu_forward == "mosaic" and mosaic_ok(False)
@@ -635,7 +640,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     if target == "gpu" and num_warps is None:
         num_warps = 4 if D <= 64 else 8
     cfg = _Config(causal=causal, segments=segments,
-                  sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
+                  sm_scale=scale,
                   block_q=bq, block_kv=bk, block_q_bwd=bqb, block_kv_bwd=bkb,
                   num_warps=num_warps, num_stages=block_sizes.num_stages, target=target,
                   mosaic=mosaic,

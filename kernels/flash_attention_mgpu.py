@@ -56,6 +56,10 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _COMPUTE_WARPGROUPS = 2
+# setmaxnreg: a 3-warpgroup CTA launches with 168 registers per thread (64,512 in all); the
+# producer gives back down to 40, and 2 * 232 + 40 = 504 is the most the compute warpgroups
+# can then take (an increase beyond the freed pool blocks forever).
+_COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 232, 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +74,12 @@ class MosaicBlocks:
     bwd_block_kv: dK/dV rows per compute warpgroup and keys per dQ step.
     Forward shared memory: 2*bq*D (Q, reused for O) + 2*num_stages*bk*D elements, at D = 128
     in bf16 with 64 / 128 / 2 that is 160 KiB of the H100/H200's 227 KiB. Backward at D = 128
-    with 64 / 64: dQ 128 KiB, dK/dV 128 KiB (+ the float32 row statistics).
+    with 64 / 64: dQ 128 KiB, dK/dV 128 KiB (+ the float32 row statistics). Lowering checks
+    the shared-memory budget; registers it does not: a compute warpgroup has 232 per thread,
+    and a [rows, cols] float32 tile costs rows * cols / 128 of them. The backward's dK and dV
+    accumulators ([bwd_block_kv, D] each) plus two [bwd_block_kv, bwd_block_q] score tiles
+    fit at 64 / 64 up to D = 128; larger backward blocks are for D = 64 and will spill
+    beyond it.
     """
     block_q: int = 64
     block_kv: int = 128
@@ -89,7 +98,7 @@ class MosaicBlocks:
     @classmethod
     def default(cls, head_dim: int) -> "MosaicBlocks":
         """Largest kv block whose two stages fit shared memory: 256 / 128 / 64 keys up to
-        D = 64 / 128 / 256 (160 / 160 / 192 KiB in bf16)."""
+        D = 64 / 128 / 256 (144 / 160 / 192 KiB in bf16)."""
         return cls(block_kv=256 if head_dim <= 64 else 128 if head_dim <= 128 else 64)
 
     @property
@@ -123,6 +132,20 @@ def unsupported_reason(dtype, head_dim: int, *, segments: bool,
     if segments:
         return "segment ids / key padding masks"
     return None
+
+
+def _check_scale_and_causality(sm_scale, causal, T, S):
+    if not sm_scale > 0:
+        # Masking sets scores to -inf before the (positive) scale: a negative scale would
+        # turn them into +inf.
+        raise ValueError(f"the Hopper kernels need sm_scale > 0, got {sm_scale}")
+    if causal and T != S:
+        raise ValueError(f"causal attention needs T == S, got {T}, {S}")
+
+
+def is_hopper(device) -> bool:
+    """Whether a jax device is an sm_90 GPU (wgmma and setmaxnreg exist only there)."""
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
 def _kv_steps_before(row_end, bk):
@@ -215,7 +238,7 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
         q_smem = qo_smem.at[wg]
         row0 = tile * (_COMPUTE_WARPGROUPS * bq) + wg * bq
         steps = _kv_steps_before(row0 + bq, bk) if causal else program_steps
@@ -289,13 +312,14 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
             carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
             carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
 
-            # Blocks only the other warpgroup needs: release them (see `_stream`) and keep
-            # the ping-pong arrivals equal (two syncs per step, as in `step`).
+            # Blocks only the other warpgroup needs: keep the ping-pong arrivals equal (two
+            # syncs per step, as in `step`) and release them (see `_stream`). Syncing first
+            # lets the other warpgroup run step j - 1's P V without waiting for block j.
             @pl.loop(steps, program_steps)
             def _(j):
+                pingpong_sync()
+                pingpong_sync()
                 _pass_over(j, num_stages, streams)
-                pingpong_sync()
-                pingpong_sync()
         else:
             carry = lax.fori_loop(0, steps, functools.partial(step, masked=False), carry)
         acc, m, l = carry
@@ -311,7 +335,7 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
 
     @pl.when(wg == _COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         _stream(program_steps, num_stages, streams)
 
 
@@ -340,8 +364,7 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
     if T % blocks.rows_per_program or S % bk:
         raise ValueError(f"lengths T={T}, S={S} must be multiples of {blocks.rows_per_program} "
                          f"and {bk} (pad them)")
-    if causal and T != S:
-        raise ValueError(f"causal attention needs T == S, got {T}, {S}")
+    _check_scale_and_causality(sm_scale, causal, T, S)
     # A causal program may need fewer kv blocks than there are slots; never more than S has.
     stages = min(stages, S // bk)
 
@@ -428,7 +451,7 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
         row0 = tile * rows_per_program + wg * bq
         rows, stat_rows = (b, pl.ds(row0, bq), h), (b, h, pl.ds(row0, bq))
         copies = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
@@ -487,7 +510,7 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
 
     @pl.when(wg == _COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         _stream(program_steps, num_stages, streams)
 
 
@@ -534,7 +557,7 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
-        plgpu.set_max_registers(240, action="increase")
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
         k0 = tile * rows_per_program + wg * bk
         rows = (b, pl.ds(k0, bk), kh)
         for src, dst, barrier in zip((k_ref, v_ref), (k_smem, v_smem), row_loaded):
@@ -602,7 +625,7 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
 
     @pl.when(wg == _COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         _stream(program_steps, num_stages, streams)
 
 
@@ -626,6 +649,7 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
     if reason is not None:
         raise ValueError(f"the Hopper flash-attention kernel does not support {reason}")
     bq, bk, stages = blocks.bwd_block_q, blocks.bwd_block_kv, blocks.num_stages
+    _check_scale_and_causality(sm_scale, causal, T, S)
     if T % blocks.q_multiple or S % blocks.kv_multiple:
         raise ValueError(f"lengths T={T}, S={S} must be multiples of {blocks.q_multiple} "
                          f"and {blocks.kv_multiple} (pad them)")

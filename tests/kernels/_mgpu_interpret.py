@@ -15,11 +15,15 @@ statistics). `extended_gpu_interpreter()` adds:
   barrier waits before them);
 - `layout_cast` (which thread holds which register element): the identity.
 
-Everything else (TMA, barriers, the three warpgroups, the grid) is jax's own interpreter, so
-a deadlock or a missing barrier wait in a kernel still shows up here, and shared memory
-starts as NaN so a read before its copy lands poisons the result. The rules use interpreter
-internals; if jax moves them, `extended_gpu_interpreter` fails loudly instead of running the
-kernels some other way.
+Everything else (TMA, barriers, the three warpgroups, the grid) is jax's own interpreter:
+a barrier phase a thread skips is an error, shared memory starts as NaN (a read before a
+slot's first copy poisons the result), and the happens-before race detector is on, with the
+wgmma operand reads above checked too (a slot released to the producer before a warpgroup's
+last read of it is reported; `races_found()`). What it cannot see: it completes TMA copies
+at once and runs wgmma synchronously (an in-flight matmul is never overtaken), treats
+register limits (`set_max_registers`) as no-ops, and a deadlock hangs rather than fails.
+The rules use interpreter internals; if jax moves them, `extended_gpu_interpreter` fails
+loudly instead of running the kernels some other way.
 """
 from __future__ import annotations
 
@@ -52,16 +56,23 @@ def _thread_context(device_id, grid_point_coords, thread_id):
 
 
 def _read_view(memory, thread, info, key_array, transforms):
-    """Contents of a shared-memory view: indexers first, then at most one transpose."""
+    """Contents of a shared-memory view: indexers first, then at most one transpose.
+
+    The read goes through the race detector like the interpreter's own reads, so a TMA copy
+    into a slot that a wgmma of another warpgroup may still be reading is reported.
+    """
     transforms = gpu_callbacks._remove_noop_transforms(transforms)
     is_transpose = [isinstance(t, state_types.TransposeTransform) for t in transforms]
     if any(later < earlier for earlier, later in zip(is_transpose, is_transpose[1:])):
         raise NotImplementedError(f"an index after a transpose in {transforms}")
     indexers = [t for t, tr in zip(transforms, is_transpose) if not tr]
     transposes = [t for t, tr in zip(transforms, is_transpose) if tr]
-    value, _, _ = memory.get_buffer_content(
-        gpu_callbacks.HostAllocationKey.from_array(key_array),
-        interpret_utils.to_range(jax.tree.map(int, indexers)), thread, logging_info=info)
+    key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+    read_range = interpret_utils.to_range(jax.tree.map(int, indexers))
+    value, _, clock = memory.get_buffer_content(key, read_range, thread, logging_info=info)
+    if memory.detect_races:
+        gpu_callbacks.get_races().check_read(info.device_id, info.thread_id, clock, key,
+                                             read_range)
     for t in transposes:
         value = np.transpose(value, t.permutation)
     return value
@@ -137,7 +148,8 @@ def _interpret_rewritten(original):
 def extended_gpu_interpreter():
     """Context in which Mosaic GPU kernels run on CPU with the rules above.
 
-    Yields the `interpret=` argument for `plgpu.kernel` (an `InterpretGPUParams`).
+    Yields the `interpret=` argument for `plgpu.kernel` (an `InterpretGPUParams` with the
+    happens-before race detector on); `races_found()` tells whether it reported any.
     """
     names = ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive", "interpret")
     for name in names:
@@ -150,7 +162,13 @@ def extended_gpu_interpreter():
         saved["_interpret_arithmetic_primitive"])
     _Interpreter.interpret = _interpret_rewritten(saved["interpret"])
     try:
-        yield InterpretGPUParams()
+        yield InterpretGPUParams(detect_races=True)
     finally:
         for name, method in saved.items():
             setattr(_Interpreter, name, method)
+
+
+def races_found() -> bool:
+    """Whether the race detector reported a race in the last interpreted kernel."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    return interpret_pallas_call.get_races().races_found

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _mgpu_interpret import extended_gpu_interpreter
+from _mgpu_interpret import extended_gpu_interpreter, races_found
 from instructjax.kernels import flash_attention as fa
 from instructjax.kernels import flash_attention_mgpu as mgpu
 from instructjax.kernels import reference
@@ -56,23 +56,26 @@ def reference_lse(q, k, causal, sm_scale):
 # equal to and larger than a warpgroup's 64 rows; more kv steps than pipeline slots (the
 # producer's refill loop); GQA 1, 2 and 4; head dims 64 and 128; a causal tile whose first
 # warpgroup stops early (its epilogue releases the other warpgroup's blocks).
+# (causal, T, H, K, D, block_kv, stages, dtype)
 FORWARD_CASES = [
-    (False, 128, 1, 1, 64, 64, jnp.bfloat16),
-    (True, 256, 2, 1, 64, 64, jnp.bfloat16),
-    (False, 256, 2, 1, 128, 64, jnp.float16),
-    pytest.param(True, 256, 4, 1, 128, 128, jnp.bfloat16, marks=pytest.mark.slow),
-    pytest.param(True, 384, 2, 2, 64, 64, jnp.bfloat16, marks=pytest.mark.slow),
+    (False, 128, 1, 1, 64, 64, 2, jnp.bfloat16),
+    (True, 256, 2, 1, 64, 64, 2, jnp.bfloat16),
+    (False, 256, 2, 1, 128, 64, 3, jnp.float16),
+    pytest.param(True, 256, 4, 1, 128, 128, 2, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param(True, 384, 2, 2, 64, 64, 3, jnp.bfloat16, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("causal,T,H,K,D,block_kv,dtype", FORWARD_CASES)
-def test_forward_matches_reference(causal, T, H, K, D, block_kv, dtype):
+@pytest.mark.parametrize("causal,T,H,K,D,block_kv,stages,dtype", FORWARD_CASES)
+def test_forward_matches_reference(causal, T, H, K, D, block_kv, stages, dtype):
     q, k, v = qkv(T + D + H, 1, T, H, K, D, dtype)
     sm_scale = 0.7 / D ** 0.5
-    blocks = mgpu.MosaicBlocks(block_q=64, block_kv=block_kv, num_stages=2)
+    blocks = mgpu.MosaicBlocks(block_q=64, block_kv=block_kv, num_stages=stages)
     with extended_gpu_interpreter() as interpret:
         o, lse = mgpu.flash_forward(q, k, v, causal=causal, sm_scale=sm_scale, blocks=blocks,
                                     interpret=interpret)
+        jax.block_until_ready(o)
+    assert not races_found()
     assert o.shape == q.shape and o.dtype == dtype
     assert lse.shape == (1, H, T) and lse.dtype == jnp.float32
     f32 = lambda x: x.astype(jnp.float32)
@@ -81,19 +84,21 @@ def test_forward_matches_reference(causal, T, H, K, D, block_kv, dtype):
     np.testing.assert_allclose(lse, reference_lse(q, k, causal, sm_scale), atol=LSE_TOL)
 
 
-# (causal, T, H, K, D): one tile and several; GQA 1, 2 and 4; head dims 64 and 128; causal
-# dK/dV tiles whose second warpgroup masks whole blocks and dQ tiles whose first warpgroup
-# stops early.
+# (causal, T, H, K, D, bwd_block_q, bwd_block_kv): one tile and several; GQA 1, 2 and 4;
+# head dims 64 and 128; causal dK/dV tiles whose second warpgroup masks whole blocks and dQ
+# tiles whose first warpgroup stops early; query and key blocks of different sizes.
 BACKWARD_CASES = [
-    (False, 128, 1, 1, 64),
-    (True, 256, 2, 1, 64),
-    pytest.param(True, 256, 4, 2, 128, marks=pytest.mark.slow),
-    pytest.param(False, 256, 4, 1, 128, marks=pytest.mark.slow),
+    (False, 128, 1, 1, 64, 64, 64),
+    (True, 256, 2, 1, 64, 64, 64),
+    (True, 256, 2, 2, 64, 64, 128),
+    pytest.param(True, 256, 4, 2, 128, 64, 64, marks=pytest.mark.slow),
+    pytest.param(False, 256, 4, 1, 128, 64, 64, marks=pytest.mark.slow),
+    pytest.param(True, 256, 2, 1, 64, 128, 64, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("causal,T,H,K,D", BACKWARD_CASES)
-def test_backward_matches_reference(causal, T, H, K, D):
+@pytest.mark.parametrize("causal,T,H,K,D,bwd_block_q,bwd_block_kv", BACKWARD_CASES)
+def test_backward_matches_reference(causal, T, H, K, D, bwd_block_q, bwd_block_kv):
     dtype = jnp.bfloat16
     q, k, v = qkv(T + D + H + 1, 1, T, H, K, D, dtype)
     do = normal(jax.random.key(T), (1, T, H, D), dtype)
@@ -105,9 +110,12 @@ def test_backward_matches_reference(causal, T, H, K, D):
     lse = reference_lse(q, k, causal, sm_scale)
     delta = jnp.einsum("bthd,bthd->bht", o, f32(do))
     with extended_gpu_interpreter() as interpret:
+        blocks = mgpu.MosaicBlocks(block_kv=64, bwd_block_q=bwd_block_q,
+                                   bwd_block_kv=bwd_block_kv)
         grads = mgpu.flash_backward(q, k, v, do, lse, delta, causal=causal, sm_scale=sm_scale,
-                                    blocks=mgpu.MosaicBlocks(block_kv=64),
-                                    interpret=interpret)
+                                    blocks=blocks, interpret=interpret)
+        jax.block_until_ready(grads)
+    assert not races_found()
     for name, g, x, ref_g in zip("qkv", grads, (q, k, v), ref_vjp(f32(do))):
         assert g.shape == x.shape and g.dtype == dtype, name
         assert rel_err(g, ref_g) < HALF_TOL, name
@@ -135,7 +143,8 @@ def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backwa
         for name in ("fwd", "dq", "dkv"):
             assert (f"flash_attention_{name}_hopper" in jaxpr) == (name in kernels), name
         o, vjp = jax.vjp(attn, q, k, v)
-        grads = vjp(do.astype(o.dtype))
+        grads = jax.block_until_ready(vjp(do.astype(o.dtype)))
+    assert not races_found()
     ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=True),
                              f32(q), f32(k), f32(v))
     assert rel_err(o, ref_o) < HALF_TOL
@@ -174,6 +183,13 @@ def test_bad_blocks_and_lengths_are_refused():
     with pytest.raises(ValueError, match="float32"):
         mgpu.flash_forward(q.astype(jnp.float32), q, q, causal=True, sm_scale=0.1,
                            blocks=mgpu.MosaicBlocks())
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="sm_scale > 0"):
+        mgpu.flash_forward(q, q, q, causal=True, sm_scale=-0.1, blocks=mgpu.MosaicBlocks())
+    with pytest.raises(ValueError, match="T == S"):
+        mgpu.flash_backward(q, q[:, :64], q[:, :64], q, jnp.zeros((1, 2, 128)),
+                            jnp.zeros((1, 2, 128)), causal=True, sm_scale=0.1,
+                            blocks=mgpu.MosaicBlocks(bwd_block_kv=64, block_kv=64))
 
 
 # --------------------------------------------------------------------------------------
@@ -181,7 +197,7 @@ def test_bad_blocks_and_lengths_are_refused():
 # --------------------------------------------------------------------------------------
 
 def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward="mosaic",
-                  gpu_backward="mosaic", S=None):
+                  gpu_backward="mosaic", S=None, sm_scale=None):
     """(Mosaic GPU calls, Triton calls) of a jitted forward + backward lowered for CUDA."""
     q = jnp.zeros((B, T, H, D), dtype)
     k = jnp.zeros((B, S or T, K, D), dtype)
@@ -191,7 +207,8 @@ def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward="mosaic
 
     def fwd_bwd(q, k, v, seg):
         fn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=causal,
-                                                block_sizes=blocks, _target="gpu")
+                                                sm_scale=sm_scale, block_sizes=blocks,
+                                                _target="gpu")
         o, vjp = jax.vjp(fn, q, k, v)
         return o, vjp(o)
 
@@ -215,27 +232,22 @@ def test_lowers_mixed(gpu_forward, gpu_backward, calls):
                          gpu_forward=gpu_forward, gpu_backward=gpu_backward) == calls
 
 
-@pytest.mark.parametrize("dtype,segments,T,S,causal", [
-    (jnp.float32, False, 256, 256, True),      # dtype
-    (jnp.bfloat16, True, 256, 256, True),      # segment ids
-    (jnp.bfloat16, False, 256, 300, False),    # padded keys need a mask
+@pytest.mark.parametrize("dtype,segments,T,S,causal,sm_scale", [
+    (jnp.float32, False, 256, 256, True, None),      # dtype
+    (jnp.bfloat16, True, 256, 256, True, None),      # segment ids
+    (jnp.bfloat16, False, 256, 300, False, None),    # padded keys need a mask
+    (jnp.bfloat16, False, 256, 256, True, -0.125),   # a negative scale
 ])
-def test_falls_back_to_triton(dtype, segments, T, S, causal):
+def test_falls_back_to_triton(dtype, segments, T, S, causal, sm_scale):
     assert lowered_calls(1, T, 4, 2, 64, dtype, causal=causal, segments=segments,
-                         S=S) == (0, 3)
+                         S=S, sm_scale=sm_scale) == (0, 3)
 
 
 # --------------------------------------------------------------------------------------
 # Compiled on a Hopper GPU (skipped elsewhere)
 # --------------------------------------------------------------------------------------
 
-def _is_hopper():
-    if jax.default_backend() != "gpu":
-        return False
-    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
-
-
-@pytest.mark.skipif(not _is_hopper(), reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(not mgpu.is_hopper(jax.devices()[0]), reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("D", [64, 128])
 def test_compiled_on_hopper(causal, D):
