@@ -605,10 +605,18 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
         def head(g, carry):
             base = g * per_head - q_begin           # stream step of query block i: base + i
             if causal:
+                # The program's stream starts at the first warpgroup's keys; blocks that end
+                # before this warpgroup's first key see none of its keys: only release them.
+                first_seen = jnp.maximum(q_begin, lax.div(k0, jnp.int32(bq)))
+
+                @pl.loop(q_begin, first_seen)
+                def _(i):
+                    _pass_over(base + i, num_stages, streams)
+
                 # Blocks whose first query is at or after the last key need no mask.
                 first_full = jnp.clip(lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq)),
-                                      q_begin, n_q)
-                carry = lax.fori_loop(q_begin, first_full,
+                                      first_seen, n_q)
+                carry = lax.fori_loop(first_seen, first_full,
                                       functools.partial(step, base=base, masked=True), carry)
                 return lax.fori_loop(first_full, n_q,
                                      functools.partial(step, base=base, masked=False), carry)

@@ -85,7 +85,7 @@ def test_forward_matches_reference(causal, T, H, K, D, block_kv, stages, dtype):
 
 
 # (causal, T, H, K, D, bwd_block_q, bwd_block_kv): one tile and several; GQA 1, 2 and 4;
-# head dims 64 and 128; causal dK/dV tiles whose second warpgroup masks whole blocks and dQ
+# head dims 64 and 128; causal dK/dV tiles whose second warpgroup skips whole blocks and dQ
 # tiles whose first warpgroup stops early; query and key blocks of different sizes.
 BACKWARD_CASES = [
     (False, 128, 1, 1, 64, 64, 64),
