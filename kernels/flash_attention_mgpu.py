@@ -155,8 +155,8 @@ def _kv_steps_before(row_end, bk):
 
 def _query_tile(causal, num_tiles):
     """This program's query tile. Under causal masking later tiles have more work: they are
-    numbered first so that they start first and the short ones fill the tail (the grid's
-    first axis, heads, varies fastest, so all heads of one tile launch together)."""
+    numbered first so that they tend to start first and the short ones fill the tail (blocks
+    launch roughly in grid order with the first axis, heads, fastest)."""
     tile = lax.axis_index("q_tiles")
     return (num_tiles - 1) - tile if causal else tile
 
