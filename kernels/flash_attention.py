@@ -14,6 +14,9 @@ Algorithm (Dao et al., FlashAttention-2, arXiv:2307.08691, Alg. 1 and 2):
   query blocks, so GQA is reduced inside the kernel without atomics) and a dQ kernel (one
   program per (batch, query head, query block), looping over kv blocks).
 
+The three kernel bodies are in `flash_attention_kernels.py`; this file builds their
+pallas_calls, the custom VJP and the public wrapper.
+
 Block skipping (`kernels/block_sparsity.py`): each (query block, kv block) pair is SKIP
 (nothing visible: not visited), FULL (no elementwise mask) or MASKED. With segment ids the
 wrapper computes small per-block tables outside the kernels and each kernel walks only the
@@ -30,7 +33,7 @@ Backends (picked from `jax.default_backend()` unless `interpret=True`):
   Pallas interpreter runs, so one formulation is tested on CPU and runs on GPU.
   `BlockSizes(gpu_forward="mosaic", gpu_backward="mosaic")` replaces the forward and/or the
   backward on Hopper with the warp-specialised Mosaic GPU kernels of
-  `flash_attention_mgpu.py` (wgmma, TMA, a producer warpgroup) where they apply (bf16/f16,
+  `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py` (wgmma, TMA, a producer warpgroup) where they apply (bf16/f16,
   head dim a multiple of 64 up to 256 (backward: 128), no segment ids or key padding mask)
   and keeps Triton elsewhere; both families save the same LSE, so they mix freely. Triton is
   the default until they are measured against each other on a Hopper GPU
@@ -55,17 +58,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from instructjax.kernels import block_sparsity as bsp
 from instructjax.kernels import flash_attention_mgpu as mgpu
-
-# Score fill for masked entries. Finite (not -inf) so that a row whose entries are all masked
-# so far has max == fill and exp(fill - fill) stays finite; those entries are then zeroed
-# explicitly. 0.7 * max leaves room to subtract any real score without overflow.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from instructjax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
+from instructjax.kernels.flash_attention_kernels import dkdv_kernel, dq_kernel, fwd_kernel
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,177 +141,6 @@ class _Config:
     def heads_major(self):
         """Kernel arrays are [B, H, T, D] on TPU (tiling), [B, T, H, D] elsewhere."""
         return self.target == "tpu"
-
-
-# ------------------------------------------------------------------------------------------
-# Kernel building blocks
-# ------------------------------------------------------------------------------------------
-
-def _dot_nt(a, b):
-    """a [M, D] x b [N, D] -> [M, N] float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a [M, N] x b [M, D] -> [N, D] float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    """a [M, N] x b [N, D] -> [M, D] float32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _group_rows(cfg, ref, g, start, size):
-    """Rows [start, start + size) of head g of a group block ref -> [size, D]."""
-    if cfg.heads_major:
-        return ref[g, pl.ds(start, size), :]
-    return ref[pl.ds(start, size), g, :]
-
-
-def _element_mask(cfg, q_start, bq, k_start, bk, q_seg, k_seg):
-    """bool [bq, bk]: which (query, key) pairs of a MASKED block are visible."""
-    mask = jnp.ones((bq, bk), jnp.bool_)
-    if cfg.causal:
-        q_idx = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-        k_idx = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        mask = mask & (q_idx >= k_idx)
-    if cfg.segments:
-        mask = mask & (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0)
-    return mask
-
-
-# ------------------------------------------------------------------------------------------
-# Kernels
-# ------------------------------------------------------------------------------------------
-
-def _fwd_kernel(*refs, cfg, n_kv):
-    """One (b, h, query block) program: online softmax over the visible kv blocks.
-
-    Refs (segment mode adds the two tables first and the two segment-id refs after v):
-        q [bq, D], k / v [S, D] (the whole row of kv head h // G), q_seg [bq], kv_seg [S];
-        outputs o [bq, D], lse [bq] float32 (-inf for rows that see nothing).
-    """
-    if cfg.segments:
-        row_tab, col_tab, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    b, i = pl.program_id(0), pl.program_id(2)
-    bq, bk = cfg.block_q, cfg.block_kv
-    q = q_ref[...]
-    q_seg = qseg_ref[...] if cfg.segments else None
-
-    def step(j, carry, masked):
-        m, l, acc = carry
-        k_start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k_start, bk), :]
-        v = v_ref[pl.ds(k_start, bk), :]
-        s = _dot_nt(q, k) * cfg.sm_scale
-        if masked:
-            k_seg = kseg_ref[pl.ds(k_start, bk)] if cfg.segments else None
-            mask = _element_mask(cfg, i * bq, bq, k_start, bk, q_seg, k_seg)
-            s = jnp.where(mask, s, _MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        if masked:
-            # Entries of a row that is all-masked so far are exp(0) = 1 here: zero them.
-            p = jnp.where(mask, p, 0.0)
-        alpha = jnp.exp(m - m_new)
-        l = alpha * l + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return m_new, l, acc
-
-    D = q.shape[-1]
-    carry = (jnp.full((bq,), _MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, D), jnp.float32))
-    tables = (row_tab, col_tab, b) if cfg.segments else None
-    m, l, acc = bsp.visit_blocks(step, carry, row=i, n_cols=n_kv, row_block=bq, col_block=bk,
-                                 rows_are_queries=True, causal=cfg.causal, tables=tables)
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
-
-
-def _dq_kernel(*refs, cfg, n_kv):
-    """One (b, h, query block) program: dq = scale * sum_j dS_j K_j.
-
-    Refs: [row_tab, col_tab,] q [bq, D], k / v [S, D], do [bq, D], lse [bq], delta [bq],
-        [q_seg [bq], kv_seg [S],] output dq [bq, D].
-    """
-    if cfg.segments:
-        (row_tab, col_tab, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-         kseg_ref, dq_ref) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    b, i = pl.program_id(0), pl.program_id(2)
-    bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
-    q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
-    q_seg = qseg_ref[...] if cfg.segments else None
-
-    def step(j, dq, masked):
-        k_start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k_start, bk), :]
-        v = v_ref[pl.ds(k_start, bk), :]
-        p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
-        if masked:
-            k_seg = kseg_ref[pl.ds(k_start, bk)] if cfg.segments else None
-            # Also covers empty rows: their lse is -inf and p is inf before this select.
-            p = jnp.where(_element_mask(cfg, i * bq, bq, k_start, bk, q_seg, k_seg), p, 0.0)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
-
-    tables = (row_tab, col_tab, b) if cfg.segments else None
-    dq = bsp.visit_blocks(step, jnp.zeros(q.shape, jnp.float32), row=i, n_cols=n_kv,
-                          row_block=bq, col_block=bk, rows_are_queries=True, causal=cfg.causal,
-                          tables=tables)
-    dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
-
-
-def _dkdv_kernel(*refs, cfg, n_q, G):
-    """One (b, kv head, kv block) program: dk, dv summed over the G query heads and the
-    visible query blocks (so GQA needs no atomics).
-
-    Refs: [row_tab, col_tab,] q / do: the group's whole rows ([T, G, D] or [G, T, D]),
-        k / v [bk, D], lse / delta [G, T], [q_seg [T], kv_seg [bk],] outputs dk, dv [bk, D].
-    """
-    if cfg.segments:
-        (row_tab, col_tab, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
-         kseg_ref, dk_ref, dv_ref) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-    b, j = pl.program_id(0), pl.program_id(2)
-    bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
-    k, v = k_ref[...], v_ref[...]
-    k_seg = kseg_ref[...] if cfg.segments else None
-    tables = (row_tab, col_tab, b) if cfg.segments else None
-
-    def head(g, carry):
-        def step(i, carry, masked):
-            dk, dv = carry
-            q_start = pl.multiple_of(i * bq, bq)
-            q = _group_rows(cfg, q_ref, g, q_start, bq)
-            do = _group_rows(cfg, do_ref, g, q_start, bq)
-            lse = lse_ref[g, pl.ds(q_start, bq)]
-            delta = delta_ref[g, pl.ds(q_start, bq)]
-            p = jnp.exp(_dot_nt(q, k) * cfg.sm_scale - lse[:, None])
-            if masked:
-                q_seg = qseg_ref[pl.ds(q_start, bq)] if cfg.segments else None
-                p = jnp.where(_element_mask(cfg, q_start, bq, j * bk, bk, q_seg, k_seg),
-                              p, 0.0)
-            dv = dv + _dot_tn(p.astype(do.dtype), do)
-            ds = p * (_dot_nt(do, v) - delta[:, None])
-            dk = dk + _dot_tn(ds.astype(q.dtype), q)
-            return dk, dv
-
-        return bsp.visit_blocks(step, carry, row=j, n_cols=n_q, row_block=bk, col_block=bq,
-                                rows_are_queries=False, causal=cfg.causal, tables=tables)
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
-    dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -436,7 +264,7 @@ def _fwd_call(cfg, q, k, v, q_seg, kv_seg):
     bq, bk = cfg.block_q, cfg.block_kv
     q_spec, kv_spec = _query_row_specs(cfg, bq, S, D, H // K)
     o, lse = _call(
-        cfg, functools.partial(_fwd_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_fwd",
+        cfg, functools.partial(fwd_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_fwd",
         grid=(B, H, T // bq),
         ins=[(q, q_spec), (k, kv_spec), (v, kv_spec)],
         outs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec),
@@ -451,7 +279,7 @@ def _dq_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg):
     bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
     q_spec, kv_spec = _query_row_specs(cfg, bq, S, D, H // K)
     (dq,) = _call(
-        cfg, functools.partial(_dq_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_dq",
+        cfg, functools.partial(dq_kernel, cfg=cfg, n_kv=S // bk), "flash_attention_dq",
         grid=(B, H, T // bq),
         ins=[(q, q_spec), (k, kv_spec), (v, kv_spec), (do, q_spec), (lse, _lse_spec(bq)),
              (delta, _lse_spec(bq))],
@@ -473,7 +301,7 @@ def _dkdv_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg):
     group_spec = _group_spec(cfg, G, T, D)
     stat_spec = pl.BlockSpec((None, G, None, T), lambda b, kh, j: (b, kh, 0, 0))
     dk, dv = _call(
-        cfg, functools.partial(_dkdv_kernel, cfg=cfg, n_q=T // bq, G=G), "flash_attention_dkdv",
+        cfg, functools.partial(dkdv_kernel, cfg=cfg, n_q=T // bq, G=G), "flash_attention_dkdv",
         grid=(B, K, S // bk),
         ins=[(q, group_spec), (k, kv_spec), (v, kv_spec), (do, group_spec), (lse, stat_spec),
              (delta, stat_spec)],
@@ -509,7 +337,7 @@ def _flash_bwd(cfg, res, cotangents):
     delta = delta[:, :, None, :] - dlse
     do = do.astype(q.dtype)
     if cfg.mosaic_backward:
-        dq, dk, dv = mgpu.flash_backward(q, k, v, do, lse[:, :, 0], delta[:, :, 0],
+        dq, dk, dv = mgpu_bwd.flash_backward(q, k, v, do, lse[:, :, 0], delta[:, :, 0],
                                          causal=cfg.causal, sm_scale=cfg.sm_scale,
                                          blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
         return dq, dk, dv, None, None
@@ -597,14 +425,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
     # interpreter are not tied to a device.
     gpu_is_hopper = (_target is not None or jax.default_backend() != "gpu"
                      or mgpu.is_hopper(jax.devices()[0]))
-    mosaic_ok = lambda backward: (
-        ((target == "gpu" and gpu_is_hopper) or gpu_interpreter is not None) and scale > 0
-        and mgpu.unsupported_reason(q.dtype, D, segments=segment_ids is not None,
-                                    backward=backward) is None)
-    use_forward = block_sizes.gpu_forward == "mosaic" and mosaic_ok(False)
-    use_backward = block_sizes.gpu_backward == "mosaic" and mosaic_ok(True)
-    mosaic = (block_sizes.mosaic or mgpu.MosaicBlocks.default(D)
-              if use_forward or use_backward else None)
+    mosaic, use_forward, use_backward = mgpu.kernels_to_use(
+        block_sizes.gpu_forward, block_sizes.gpu_backward, block_sizes.mosaic, dtype=q.dtype,
+        head_dim=D, segments=segment_ids is not None, sm_scale=scale,
+        available=(target == "gpu" and gpu_is_hopper) or gpu_interpreter is not None)
 
     def padded_lengths(mosaic):
         q_blocks, kv_blocks = [bq, bqb], [bk, bkb]

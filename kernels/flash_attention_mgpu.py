@@ -1,10 +1,11 @@
-"""Flash attention for Hopper GPUs (sm_90) in Pallas Mosaic GPU: forward, dQ and dK/dV.
+"""Flash attention for Hopper GPUs (sm_90) in Pallas Mosaic GPU: the tiles, the warpgroup
+pipeline all kernels share, and the forward (dQ and dK/dV: flash_attention_mgpu_bwd.py).
 
 The Triton kernels of `flash_attention.py` express one program as whole-array operations and
 leave the pipelining to Triton. On Hopper the fast formulation (FlashAttention-3, Shah et al.,
 arXiv:2407.08608) needs what Triton does not expose: warpgroup matrix multiplies (wgmma) that
 read shared memory directly, tensor-memory-accelerator (TMA) copies, and warp specialisation.
-Mosaic GPU exposes all three, so this file writes that schedule explicitly.
+Mosaic GPU exposes all three, so these files write that schedule explicitly.
 
 Every kernel runs three warpgroups per program (CTA): two compute warpgroups that own 64-row
 tiles each, and a producer warpgroup (`_stream`) that TMA-copies the blocks both compute
@@ -16,12 +17,8 @@ have signalled that they are done with it ("consumed" barriers, two arrivals eac
   a register operand. "Ping-pong" scheduling: a two-arrival barrier makes the compute
   warpgroups alternate, so one runs its softmax (exp on the multi-function units) while the
   other's matmul holds the tensor cores.
-- dQ: one program per 2 * bwd_block_q query rows; streams K and V; per block S and dP =
-  dO V^T are two wgmmas in flight, then dS = P (dP - delta) and dQ += dS K.
-- dK/dV: one program per 2 * bwd_block_kv key rows of one (batch, kv head); streams Q, dO and
-  the row statistics of all G query heads of that kv head, so GQA is reduced in registers
-  without atomics. Rows are keys (the wgmma M dimension): S^T = K Q^T, dV += P^T dO with
-  dP^T = V dO^T in flight, dK += dS^T Q.
+- dQ and dK/dV (flash_attention_mgpu_bwd.py): programs over query rows and over key rows;
+  dK/dV streams all G query heads of its kv head, so GQA is reduced without atomics.
 
 Numerics: softmax exponents are base 2. With c = sm_scale * log2(e), the forward keeps its
 running max m in units of c * score and p = exp2(c * s - m), one fused multiply-add per
@@ -30,11 +27,11 @@ and interpreter kernels save, so forward and backward of either family mix; the 
 rescales it to base 2 once outside the kernels.
 
 Scope (the wrapper in flash_attention.py falls back to Triton outside it): bf16 or f16,
-head dim a multiple of 64 up to 256 (backward: up to 128, shared memory), no segment ids; the query length a multiple of
-MosaicBlocks.q_multiple and the key length of kv_multiple (the wrapper pads; under causal
-masking padded keys follow every real query, so they need no mask). Causal programs visit
-only the blocks on their side of the diagonal and mask elementwise only on the blocks that
-cross it. Every causal row sees at least key 0 in the first block it visits, so the running
+head dim a multiple of 64 up to 256 (backward: up to 128, shared memory), no segment ids;
+the query length a multiple of MosaicBlocks.q_multiple and the key length of kv_multiple
+(the wrapper pads; under causal masking padded keys follow every real query, so they need
+no mask). Causal programs visit only the blocks on their side of the diagonal and mask
+elementwise only on the blocks that cross it. Every causal row sees at least key 0 in the first block it visits, so the running
 max is finite from the first step on and no row can produce 0/0.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
@@ -148,6 +145,26 @@ def is_hopper(device) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
+def kernels_to_use(gpu_forward, gpu_backward, blocks, *, dtype, head_dim, segments, sm_scale,
+                   available):
+    """Which directions the Hopper kernels run, and their tiles.
+
+    gpu_forward / gpu_backward: "triton" or "mosaic" (BlockSizes' choice); blocks:
+    MosaicBlocks or None (default by head dim); available: a Hopper GPU or its interpreter
+    is the target. Returns (tiles or None, forward, backward); a direction asked for runs
+    only where `unsupported_reason` allows it and sm_scale > 0.
+    """
+    def usable(asked, backward):
+        return (asked == "mosaic" and available and sm_scale > 0
+                and unsupported_reason(dtype, head_dim, segments=segments,
+                                       backward=backward) is None)
+
+    forward, backward = usable(gpu_forward, False), usable(gpu_backward, True)
+    if not (forward or backward):
+        return None, False, False
+    return blocks or MosaicBlocks.default(head_dim), forward, backward
+
+
 def _kv_steps_before(row_end, bk):
     """Number of kv blocks a causal row range ending (exclusively) at row_end touches."""
     return lax.div(row_end + (bk - 1), jnp.int32(bk))
@@ -202,6 +219,52 @@ def _pass_over(j, num_stages, streams):
     for _, _, loaded, consumed in streams:
         plgpu.barrier_wait(loaded.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
+
+
+def _causal_visible(shape, row0, col0, *, query_axis):
+    """bool [shape] in the wgmma register layout: query position >= key position, for a
+    tile whose rows start at row0 and columns at col0; `query_axis` (0 or 1) says which
+    axis indexes queries."""
+    rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    return rows >= cols if query_axis == 0 else cols >= rows
+
+
+def _visit_kv_blocks(step, carry, *, causal, row0, bk, steps, program_steps, pass_over):
+    """Compute warpgroup of a query-row program (forward, dQ): run step(j, carry, masked=)
+    over its kv blocks [0, steps).
+
+    Causal: blocks entirely left of the diagonal need no mask, the rest cross it; then
+    pass_over(j) for the blocks [steps, program_steps) that only the other warpgroup needs.
+    """
+    if not causal:
+        return lax.fori_loop(0, steps, functools.partial(step, masked=False), carry)
+    unmasked = lax.div(row0, jnp.int32(bk))
+    carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+    pl.loop(steps, program_steps)(pass_over)
+    return carry
+
+
+def _smem_tiles(shape, dtype):
+    """Shared memory for a wgmma operand: (8, 64) tiles with a 128-byte swizzle, the layout
+    wgmma reads 2-byte operands from."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def _launch(name, body, scratch, args, *, out_type, grid, grid_names, interpret):
+    """Run body(*in_refs, *out_refs, *scratch_refs) as a 3-warpgroup kernel named `name`
+    (the name shows in profiles and jaxprs); interpret: None or InterpretGPUParams."""
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: body(*refs, *scoped), *scratch, collective_axes="wg")
+
+    entry.__name__ = name
+    return plgpu.kernel(
+        entry, out_type=out_type, grid=grid, grid_names=grid_names,
+        num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}))(*args)
 
 
 def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, pingpong, *,
@@ -270,11 +333,7 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
             s = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                q_pos = row0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0,
-                                                      layout=plgpu.Layout.WGMMA)
-                k_pos = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
-                                                        layout=plgpu.Layout.WGMMA)
-                s = jnp.where(q_pos >= k_pos, s, -jnp.inf)
+                s = jnp.where(_causal_visible(s.shape, row0, j * bk, query_axis=0), s, -jnp.inf)
 
             m_new = jnp.maximum(m, s.max(axis=1) * c)
             alpha = jnp.exp2(m - m_new)
@@ -305,24 +364,17 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        carry = (acc, m, l)
-        if causal:
-            # Blocks entirely left of the diagonal need no mask; the rest cross it.
-            unmasked = lax.div(row0, jnp.int32(bk))
-            carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+        def pass_over(j):
+            # Keep the ping-pong arrivals equal (two syncs per step, as in `step`), then
+            # release the block (see `_stream`). Syncing first lets the other warpgroup run
+            # step j - 1's P V without waiting for block j.
+            pingpong_sync()
+            pingpong_sync()
+            _pass_over(j, num_stages, streams)
 
-            # Blocks only the other warpgroup needs: keep the ping-pong arrivals equal (two
-            # syncs per step, as in `step`) and release them (see `_stream`). Syncing first
-            # lets the other warpgroup run step j - 1's P V without waiting for block j.
-            @pl.loop(steps, program_steps)
-            def _(j):
-                pingpong_sync()
-                pingpong_sync()
-                _pass_over(j, num_stages, streams)
-        else:
-            carry = lax.fori_loop(0, steps, functools.partial(step, masked=False), carry)
-        acc, m, l = carry
+        acc, m, l = _visit_kv_blocks(step, (acc, m, l), causal=causal, row0=row0, bk=bk,
+                                     steps=steps, program_steps=program_steps,
+                                     pass_over=pass_over)
         pl.when(wg == 0)(pingpong_sync)
 
         acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
@@ -370,345 +422,17 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
 
     body = functools.partial(_forward_body, causal=causal, c=float(sm_scale) * _LOG2E, bq=bq,
                              bk=bk, num_stages=stages, group=H // K, kv_len=S)
-    # (8, 64) tiles with a 128-byte swizzle: the layout wgmma reads 2-byte operands from.
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = (
-        (plgpu.SMEM((_COMPUTE_WARPGROUPS, bq, D), q.dtype, transforms=transforms),
-         plgpu.SMEM((stages, bk, D), q.dtype, transforms=transforms),
-         plgpu.SMEM((stages, bk, D), q.dtype, transforms=transforms),
-         plgpu.SMEM((_COMPUTE_WARPGROUPS, bq), jnp.float32)),
-        (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS)),
-        (plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages),) * 2,
-        plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS),
-    )
-
-    # The entry functions' names are the kernels' names (profiles, jaxprs).
-    def flash_attention_fwd_hopper(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        pl.run_scoped(lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped),
-                      *scratch, collective_axes="wg")
-
-    kwargs = {} if interpret is None else {"interpret": interpret}
-    o, lse = plgpu.kernel(
-        flash_attention_fwd_hopper,
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
-        grid=(H, T // blocks.rows_per_program, B),
-        grid_names=("heads", "q_tiles", "batch"),
-        num_threads=_COMPUTE_WARPGROUPS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        **kwargs,
-    )(q, k, v)
-    return o, lse
-
-
-# ------------------------------------------------------------------------------------------
-# Backward: dQ and dK/dV kernels (FlashAttention-2 Alg. 2 split in two, no atomics)
-# ------------------------------------------------------------------------------------------
-
-def _issue_scores(a_smem, b_smem, shape):
-    """a [M, D] x b [N, D]^T -> [M, N] float32 with one wgmma (b read through a transpose)."""
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
-        return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _accumulate(acc, a, b_smem):
-    """acc + a @ b with a [M, K] in registers and b [K, N] in shared memory (float32 acc)."""
-    def body(acc_ref):
-        acc_ref[...] = acc
-        plgpu.wgmma(acc_ref, a, b_smem)
-        return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
-
-
-def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_loaded,
-             loaded, consumed, *, causal, c, sm_scale, bq, bk, num_stages, group, kv_len):
-    """dQ program: 2 * bq query rows of one (batch, query head); streams K and V blocks.
-
-    Per kv block: S = Q K^T and dP = dO V^T (two wgmmas in flight), P = exp2(c S - lse2),
-    dS = P (dP - delta), dQ += dS K; finally dQ *= sm_scale.
-    Refs: q / do / dq [B, T, H, D], k / v [B, S, K, D], lse (log2 units) / delta float32
-    [B, H, T]. smem = (q, do [2, bq, D], lse, delta [2, bq], k, v [stages, bk, D]);
-    row_loaded: four [2] barriers (q, do, lse, delta); loaded / consumed: (k, v) [stages].
-    """
-    b, h = lax.axis_index("batch"), lax.axis_index("heads")
-    tile = _query_tile(causal, kv_len // (_COMPUTE_WARPGROUPS * bq))    # causal: T == S
-    wg = lax.axis_index("wg")
-    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
-    (k_loaded, v_loaded), (k_consumed, v_consumed) = loaded, consumed
-    D, dtype = q_smem.shape[-1], q_smem.dtype
-    rows_per_program = _COMPUTE_WARPGROUPS * bq
-    if causal:
-        program_steps = _kv_steps_before((tile + 1) * rows_per_program, bk)
-    else:
-        program_steps = kv_len // bk
-    kv_rows = lambda j: (b, pl.ds(j * bk, bk), lax.div(h, jnp.int32(group)))
-    streams = [(lambda j: k_ref.at[kv_rows(j)], k_smem, k_loaded, k_consumed),
-               (lambda j: v_ref.at[kv_rows(j)], v_smem, v_loaded, v_consumed)]
-
-    @pl.when(wg < _COMPUTE_WARPGROUPS)
-    def _compute():
-        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
-        row0 = tile * rows_per_program + wg * bq
-        rows, stat_rows = (b, pl.ds(row0, bq), h), (b, h, pl.ds(row0, bq))
-        copies = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
-                  (lse_ref.at[stat_rows], lse_smem), (delta_ref.at[stat_rows], delta_smem)]
-        for (src, dst), barrier in zip(copies, row_loaded):
-            plgpu.copy_gmem_to_smem(src, dst.at[wg], barrier.at[wg])
-        for barrier in row_loaded:
-            plgpu.barrier_wait(barrier.at[wg])
-        row_vector = plgpu.Layout.WGMMA.reduce(1)
-        lse = plgpu.load(lse_smem.at[wg], (), layout=row_vector)
-        delta = plgpu.load(delta_smem.at[wg], (), layout=row_vector)
-        dq = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        steps = _kv_steps_before(row0 + bq, bk) if causal else program_steps
-
-        def step(j, dq, *, masked):
-            slot = _slot(j, num_stages)
-            plgpu.barrier_wait(k_loaded.at[slot])
-            plgpu.barrier_wait(v_loaded.at[slot])
-
-            def scores_and_dprobs(s_ref, dp_ref):
-                plgpu.wgmma(s_ref, q_smem.at[wg], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                plgpu.wgmma(dp_ref, do_smem.at[wg],
-                            plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                return s_ref[...], dp_ref[...]
-
-            s, dp = pl.run_scoped(scores_and_dprobs, plgpu.ACC((bq, bk), jnp.float32),
-                                  plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
-            if masked:
-                q_pos = row0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0,
-                                                      layout=plgpu.Layout.WGMMA)
-                k_pos = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1,
-                                                        layout=plgpu.Layout.WGMMA)
-                p = jnp.where(q_pos >= k_pos, p, 0.0)
-            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-            dq = _accumulate(dq, ds.astype(dtype), k_smem.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            return dq
-
-        if causal:
-            unmasked = lax.div(row0, jnp.int32(bk))
-            dq = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), dq)
-            dq = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), dq)
-
-            @pl.loop(steps, program_steps)
-            def _(j):
-                _pass_over(j, num_stages, streams)
-        else:
-            dq = lax.fori_loop(0, steps, functools.partial(step, masked=False), dq)
-
-        q_smem.at[wg][...] = (dq * sm_scale).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
-        plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == _COMPUTE_WARPGROUPS)
-    def _produce():
-        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-        _stream(program_steps, num_stages, streams)
-
-
-def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
-              row_loaded, loaded, consumed, *, causal, c, sm_scale, bq, bk, num_stages, group,
-              q_len):
-    """dK/dV program: 2 * bk key rows of one (batch, kv head); streams the query blocks of
-    all `group` query heads of that kv head (GQA reduced here, no atomics).
-
-    Per query block (transposed so the key rows are the wgmma M dimension):
-    S^T = K Q^T, P^T = exp2(c S^T - lse2), dV += P^T dO and dP^T = V dO^T (in flight
-    together), dS^T = P^T (dP^T - delta), dK += dS^T Q; finally dK *= sm_scale.
-    smem = (k, v [2, bk, D], q, do [stages, bq, D], lse, delta [stages, bq]);
-    row_loaded: (k, v) [2]; loaded / consumed: (q, do, lse, delta) [stages].
-    """
-    b, kh = lax.axis_index("batch"), lax.axis_index("kv_heads")
-    tile, wg = lax.axis_index("kv_tiles"), lax.axis_index("wg")
-    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
-    q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
-    q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
-    D, dtype = k_smem.shape[-1], k_smem.dtype
-    rows_per_program = _COMPUTE_WARPGROUPS * bk
-    n_q = q_len // bq
-    # Causal: query blocks that end before the program's first key see none of its keys.
-    q_begin = lax.div(tile * rows_per_program, jnp.int32(bq)) if causal else 0
-    per_head = n_q - q_begin
-    program_steps = group * per_head
-
-    def head_and_block(j):
-        return kh * group + lax.div(j, per_head), q_begin + lax.rem(j, per_head)
-
-    def q_rows(j):
-        h, i = head_and_block(j)
-        return b, pl.ds(i * bq, bq), h
-
-    def stat_rows(j):
-        h, i = head_and_block(j)
-        return b, h, pl.ds(i * bq, bq)
-
-    streams = [(lambda j: q_ref.at[q_rows(j)], q_smem, q_loaded, q_consumed),
-               (lambda j: do_ref.at[q_rows(j)], do_smem, do_loaded, do_consumed),
-               (lambda j: lse_ref.at[stat_rows(j)], lse_smem, lse_loaded, lse_consumed),
-               (lambda j: delta_ref.at[stat_rows(j)], delta_smem, delta_loaded, delta_consumed)]
-
-    @pl.when(wg < _COMPUTE_WARPGROUPS)
-    def _compute():
-        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
-        k0 = tile * rows_per_program + wg * bk
-        rows = (b, pl.ds(k0, bk), kh)
-        for src, dst, barrier in zip((k_ref, v_ref), (k_smem, v_smem), row_loaded):
-            plgpu.copy_gmem_to_smem(src.at[rows], dst.at[wg], barrier.at[wg])
-        for barrier in row_loaded:
-            plgpu.barrier_wait(barrier.at[wg])
-        zeros = lambda: plgpu.layout_cast(jnp.full((bk, D), 0.0, jnp.float32),
-                                          plgpu.Layout.WGMMA)
-        col_vector = plgpu.Layout.WGMMA.reduce(0)
-
-        def step(i, carry, *, base, masked):
-            dk, dv = carry
-            slot = _slot(base + i, num_stages)
-            plgpu.barrier_wait(q_loaded.at[slot])
-            plgpu.barrier_wait(lse_loaded.at[slot])
-            s_t = _issue_scores(k_smem.at[wg], q_smem.at[slot], (bk, bq))
-            lse = plgpu.load(lse_smem.at[slot], (), layout=col_vector)
-            plgpu.barrier_arrive(lse_consumed.at[slot])
-            p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            if masked:
-                k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0,
-                                                    layout=plgpu.Layout.WGMMA)
-                q_pos = i * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1,
-                                                        layout=plgpu.Layout.WGMMA)
-                p_t = jnp.where(q_pos >= k_pos, p_t, 0.0)
-            plgpu.barrier_wait(do_loaded.at[slot])
-
-            def dv_and_dprobs(dv_ref, dp_ref):
-                dv_ref[...] = dv
-                plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
-                plgpu.wgmma(dp_ref, v_smem.at[wg], plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
-                return dv_ref[...], dp_ref[...]
-
-            dv, dp_t = pl.run_scoped(dv_and_dprobs, plgpu.ACC((bk, D), jnp.float32),
-                                     plgpu.ACC((bk, bq), jnp.float32))
-            plgpu.barrier_arrive(do_consumed.at[slot])
-            plgpu.barrier_wait(delta_loaded.at[slot])
-            delta = plgpu.load(delta_smem.at[slot], (), layout=col_vector)
-            plgpu.barrier_arrive(delta_consumed.at[slot])
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-            dk = _accumulate(dk, ds_t.astype(dtype), q_smem.at[slot])
-            plgpu.barrier_arrive(q_consumed.at[slot])
-            return dk, dv
-
-        def head(g, carry):
-            base = g * per_head - q_begin           # stream step of query block i: base + i
-            if causal:
-                # The program's stream starts at the first warpgroup's keys; blocks that end
-                # before this warpgroup's first key see none of its keys: only release them.
-                first_seen = jnp.maximum(q_begin, lax.div(k0, jnp.int32(bq)))
-
-                @pl.loop(q_begin, first_seen)
-                def _(i):
-                    _pass_over(base + i, num_stages, streams)
-
-                # Blocks whose first query is at or after the last key need no mask.
-                first_full = jnp.clip(lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq)),
-                                      first_seen, n_q)
-                carry = lax.fori_loop(first_seen, first_full,
-                                      functools.partial(step, base=base, masked=True), carry)
-                return lax.fori_loop(first_full, n_q,
-                                     functools.partial(step, base=base, masked=False), carry)
-            return lax.fori_loop(0, n_q, functools.partial(step, base=base, masked=False),
-                                 carry)
-
-        dk, dv = lax.fori_loop(0, group, head, (zeros(), zeros()))
-        k_smem.at[wg][...] = (dk * sm_scale).astype(dtype)
-        v_smem.at[wg][...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[rows])
-        plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[rows])
-        plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == _COMPUTE_WARPGROUPS)
-    def _produce():
-        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-        _stream(program_steps, num_stages, streams)
-
-
-def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicBlocks,
-                   interpret=None):
-    """Hopper flash-attention backward on padded arrays: (dq, dk, dv).
-
-    Args:
-        q, do: [B, T, H, D] bfloat16 / float16, T a multiple of blocks.q_multiple.
-        k, v: [B, S, K, D] same dtype, S a multiple of blocks.kv_multiple.
-        lse: float32 [B, H, T] natural log-sum-exp of the scaled scores (the forward's).
-        delta: float32 [B, H, T] rowsum(o * do) (minus any LSE cotangent).
-        causal, sm_scale, blocks, interpret: as in flash_forward.
-
-    Returns:
-        dq like q, dk like k, dv like v.
-    """
-    B, T, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    reason = unsupported_reason(q.dtype, D, segments=False, backward=True)
-    if reason is not None:
-        raise ValueError(f"the Hopper flash-attention kernel does not support {reason}")
-    bq, bk, stages = blocks.bwd_block_q, blocks.bwd_block_kv, blocks.num_stages
-    _check_scale_and_causality(sm_scale, causal, T, S)
-    if T % blocks.q_multiple or S % blocks.kv_multiple:
-        raise ValueError(f"lengths T={T}, S={S} must be multiples of {blocks.q_multiple} "
-                         f"and {blocks.kv_multiple} (pad them)")
-    c = float(sm_scale) * _LOG2E
-    lse2 = lse * _LOG2E                  # the kernels exponentiate in base 2
-    delta = delta.astype(jnp.float32)
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    tiles = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
-    vectors = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     two = _COMPUTE_WARPGROUPS
-    kwargs = {} if interpret is None else {"interpret": interpret}
-    common = dict(num_threads=two + 1, thread_name="wg",
-                  compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
-
-    dq_stages = min(stages, S // bk)
-    dq_body = functools.partial(_dq_body, causal=causal, c=c, sm_scale=float(sm_scale), bq=bq,
-                                bk=bk, num_stages=dq_stages, group=H // K, kv_len=S)
-    dq_scratch = (
-        (tiles(two, bq, D), tiles(two, bq, D), vectors(two, bq), vectors(two, bq),
-         tiles(dq_stages, bk, D), tiles(dq_stages, bk, D)),
-        (plgpu.Barrier(num_barriers=two),) * 4,
-        (plgpu.Barrier(num_barriers=dq_stages),) * 2,
-        (plgpu.Barrier(num_arrivals=two, num_barriers=dq_stages),) * 2,
+    scratch = (
+        (_smem_tiles((two, bq, D), q.dtype), _smem_tiles((stages, bk, D), q.dtype),
+         _smem_tiles((stages, bk, D), q.dtype), plgpu.SMEM((two, bq), jnp.float32)),
+        (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_barriers=two)),
+        (plgpu.Barrier(num_arrivals=two, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=two),
     )
-
-    def flash_attention_dq_hopper(*refs):
-        pl.run_scoped(lambda *scoped: dq_body(*refs, *scoped), *dq_scratch, collective_axes="wg")
-
-    dq = plgpu.kernel(
-        flash_attention_dq_hopper, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(H, T // (two * bq), B), grid_names=("heads", "q_tiles", "batch"),
-        **common)(q, k, v, do, lse2, delta)
-
-    dkv_stages = min(stages, H // K * (T // bq))     # more slots than steps would idle
-    dkv_body = functools.partial(_dkv_body, causal=causal, c=c, sm_scale=float(sm_scale),
-                                 bq=bq, bk=bk, num_stages=dkv_stages, group=H // K, q_len=T)
-    dkv_scratch = (
-        (tiles(two, bk, D), tiles(two, bk, D), tiles(dkv_stages, bq, D),
-         tiles(dkv_stages, bq, D), vectors(dkv_stages, bq), vectors(dkv_stages, bq)),
-        (plgpu.Barrier(num_barriers=two),) * 2,
-        (plgpu.Barrier(num_barriers=dkv_stages),) * 4,
-        (plgpu.Barrier(num_arrivals=two, num_barriers=dkv_stages),) * 4,
-    )
-
-    def flash_attention_dkv_hopper(*refs):
-        pl.run_scoped(lambda *scoped: dkv_body(*refs, *scoped), *dkv_scratch,
-                      collective_axes="wg")
-
-    dk, dv = plgpu.kernel(
-        flash_attention_dkv_hopper,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(K, S // (two * bk), B), grid_names=("kv_heads", "kv_tiles", "batch"),
-        **common)(q, k, v, do, lse2, delta)
-    return dq, dk, dv
+    return _launch("flash_attention_fwd_hopper", body, scratch, (q, k, v),
+                   out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                             jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
+                   grid=(H, T // blocks.rows_per_program, B),
+                   grid_names=("heads", "q_tiles", "batch"), interpret=interpret)

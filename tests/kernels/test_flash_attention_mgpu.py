@@ -1,4 +1,4 @@
-"""kernels/flash_attention_mgpu.py: the Hopper (Mosaic GPU) flash-attention kernels.
+"""kernels/flash_attention_mgpu*.py: the Hopper (Mosaic GPU) flash-attention kernels.
 
 On CPU the kernels run in jax's Mosaic GPU interpreter (three warpgroups as threads, TMA
 copies and mbarriers simulated) extended by `_mgpu_interpret.py`, and are compared with the
@@ -17,6 +17,7 @@ import pytest
 from _mgpu_interpret import extended_gpu_interpreter, races_found
 from instructjax.kernels import flash_attention as fa
 from instructjax.kernels import flash_attention_mgpu as mgpu
+from instructjax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
 from instructjax.kernels import reference
 
 # bf16 / f16 inputs against float32 on the same rounded values: P is rounded to 16 bits
@@ -112,8 +113,8 @@ def test_backward_matches_reference(causal, T, H, K, D, bwd_block_q, bwd_block_k
     with extended_gpu_interpreter() as interpret:
         blocks = mgpu.MosaicBlocks(block_kv=64, bwd_block_q=bwd_block_q,
                                    bwd_block_kv=bwd_block_kv)
-        grads = mgpu.flash_backward(q, k, v, do, lse, delta, causal=causal, sm_scale=sm_scale,
-                                    blocks=blocks, interpret=interpret)
+        grads = mgpu_bwd.flash_backward(q, k, v, do, lse, delta, causal=causal,
+                                        sm_scale=sm_scale, blocks=blocks, interpret=interpret)
         jax.block_until_ready(grads)
     assert not races_found()
     for name, g, x, ref_g in zip("qkv", grads, (q, k, v), ref_vjp(f32(do))):
@@ -187,9 +188,9 @@ def test_bad_blocks_and_lengths_are_refused():
     with pytest.raises(ValueError, match="sm_scale > 0"):
         mgpu.flash_forward(q, q, q, causal=True, sm_scale=-0.1, blocks=mgpu.MosaicBlocks())
     with pytest.raises(ValueError, match="T == S"):
-        mgpu.flash_backward(q, q[:, :64], q[:, :64], q, jnp.zeros((1, 2, 128)),
-                            jnp.zeros((1, 2, 128)), causal=True, sm_scale=0.1,
-                            blocks=mgpu.MosaicBlocks(bwd_block_kv=64, block_kv=64))
+        mgpu_bwd.flash_backward(q, q[:, :64], q[:, :64], q, jnp.zeros((1, 2, 128)),
+                                jnp.zeros((1, 2, 128)), causal=True, sm_scale=0.1,
+                                blocks=mgpu.MosaicBlocks(bwd_block_kv=64, block_kv=64))
 
 
 # --------------------------------------------------------------------------------------
