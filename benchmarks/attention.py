@@ -8,7 +8,7 @@ Training attention, bf16, FlashAttention convention: forward FLOPs 4 * B * H * T
 2.5x). Shapes follow /work/shared/KERNEL-ANCHORS.md: heads * head_dim = 2048, batch * seq =
 16k tokens, GQA 4 query heads per kv head, seq 1k..16k, head dim 64 and 128, causal and not.
 Each shape runs ours (kernels/flash_attention.py: "ours" = Triton forward and backward,
-"ours-mosaic" = the Hopper Mosaic GPU kernels of kernels/flash_attention_mgpu.py, where they
+"ours-mosaic" = the Hopper Mosaic GPU kernels of kernels/flash_attention_mgpu*.py, where they
 apply; "ours-mosaic-fwd" = Mosaic forward, Triton backward, not run by default),
 `jax.nn.dot_product_attention` with implementation="cudnn" and with "xla";
 an implementation that fails (no GPU, not Hopper, out of memory) is skipped with the reason
