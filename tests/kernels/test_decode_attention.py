@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _lowering import lowered_text
 from instructjax.kernels import decode_attention as da
 from instructjax.kernels import reference
 
@@ -177,5 +178,6 @@ def test_lowers_for_accelerators(target, platform, call):
     k = jnp.zeros((B, L, K, D), jnp.bfloat16)
     lengths = jnp.array([0, 1, 500, 1000], jnp.int32)
     fn = functools.partial(da.decode_attention, num_splits=4, _target=target)
-    text = jax.jit(fn).trace(q, k, k, lengths).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(fn, q, k, k, lengths, platform=platform)
     assert re.findall(r"custom_call @([\w$.]+)", text).count(call) == 1
+

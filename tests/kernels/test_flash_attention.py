@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _lowering import lowered_text
 from instructjax.kernels import block_sparsity as bsp
 from instructjax.kernels import flash_attention as fa
 from instructjax.kernels import reference
@@ -297,5 +298,5 @@ def test_lowers_for_accelerators(target, platform, call, causal, segments, dtype
         o, vjp = jax.vjp(fn, q, k, v)
         return o, vjp(o)
 
-    text = jax.jit(fwd_bwd).trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(fwd_bwd, q, k, k, seg, platform=platform)
     assert re.findall(r"custom_call @([\w$.]+)", text).count(call) == 3   # fwd, dq, dkdv

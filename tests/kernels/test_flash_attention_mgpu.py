@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from _mgpu_interpret import extended_gpu_interpreter, races_found
+from _lowering import lowered_text
 from instructjax.kernels import flash_attention as fa
 from instructjax.kernels import flash_attention_mgpu as mgpu
 from instructjax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
@@ -213,7 +214,7 @@ def lowered_calls(B, T, H, K, D, dtype, *, causal, segments, gpu_forward="mosaic
         o, vjp = jax.vjp(fn, q, k, v)
         return o, vjp(o)
 
-    text = jax.jit(fwd_bwd).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_text(fwd_bwd, q, k, k, seg, platform="cuda")
     calls = re.findall(r"custom_call @([\w$.]+)", text)
     return calls.count("mosaic_gpu_v2"), calls.count("__gpu$xla.gpu.triton")
 
