@@ -139,6 +139,29 @@ def _combine(o_BKNGD, lse_BKNG1):
     return out_BKGD / jnp.where(denom_BKG1 > 0.0, denom_BKG1, 1.0)
 
 
+def _forward_only(fn):
+    """fn(*arrays) as a `jax.custom_vjp` call whose derivative is refused.
+
+    From jax 0.11 a bare pallas_call is never removed as dead code, even when nothing uses
+    its outputs. flax's nn.scan traces each layer once to find its loop invariants and
+    refuses a body where anything it cannot remove depends on the scanned inputs
+    ("broadcasted variable has a data dependency on the scan body"): the rollout's scanned
+    decode layers failed there. A custom_vjp call whose outputs are unused is dead code
+    again; decoding is never differentiated, so the backward is an error that says so.
+    """
+    wrapped = jax.custom_vjp(fn)
+
+    def forward(*args):
+        return fn(*args), None
+
+    def backward(_, cotangents):
+        raise NotImplementedError("decode_attention is forward only (decoding takes no "
+                                  "gradients); differentiate flash_attention instead")
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
 def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=None,
                      num_splits=None, block_kv=None, interpret=False, _target=None):
     """Attention of one new token per sequence over its cache (split-K flash-decoding).
@@ -226,7 +249,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
             from jax.experimental.pallas import triton as plt
             params = plt.CompilerParams(num_warps=4, num_stages=2)
 
-    o, lse = pl.pallas_call(
+    kernel_call = pl.pallas_call(
         functools.partial(_decode_kernel, sm_scale=float(sm_scale), block_kv=bk,
                           blocks_per_split=blocks_per_split),
         grid=(B, K, N),
@@ -241,6 +264,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         compiler_params=params,
         interpret=target == "interpret",
         name="decode_attention",
-    )(lengths, q_BKGD, k_cache, v_cache, mask_B1L)
+    )
+    o, lse = _forward_only(kernel_call)(lengths, q_BKGD, k_cache, v_cache, mask_B1L)
     out_BKGD = _combine(o, lse)[:, :, :G]
     return out_BKGD.reshape(B, H, D).astype(q.dtype)

@@ -4,6 +4,7 @@ boundaries), with and without cache splits, GQA 1/2/4, float32 and bf16."""
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +182,27 @@ def test_lowers_for_accelerators(target, platform, call):
     text = lowered_text(fn, q, k, k, lengths, platform=platform)
     assert re.findall(r"custom_call @([\w$.]+)", text).count(call) == 1
 
+
+def test_gradient_is_refused_and_it_runs_inside_flax_scan():
+    """Decoding is forward only: a gradient through it is a clear error. And it runs in a
+    flax nn.scan over layers (the rollout's scanned decode layers): nn.scan traces a layer
+    to find its loop invariants and needs an unused call to be dead code, which a bare
+    pallas_call is not from jax 0.11."""
+    q = jnp.ones((2, 4, 8))
+    lengths = jnp.array([3, 19], jnp.int32)
+    decode = functools.partial(da.decode_attention, lengths=lengths, interpret=True)
+    k = normal(jax.random.key(0), (2, 19, 2, 8), jnp.float32)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        jax.grad(lambda q: decode(q, k, k).sum())(q)
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, kv):
+            return x + decode(x, kv, kv), None
+
+    layers = nn.scan(Layer, in_axes=0, length=3)()
+    kv = normal(jax.random.key(1), (3, 2, 19, 2, 8), jnp.float32)
+    x, _ = layers.apply({}, q, kv)
+    for layer in range(3):
+        q = q + reference.decode_attention_reference(q, kv[layer], kv[layer], lengths)
+    np.testing.assert_allclose(x, q, rtol=1e-5, atol=1e-5)
