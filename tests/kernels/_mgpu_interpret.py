@@ -1,19 +1,29 @@
-"""Run Mosaic GPU (Hopper) Pallas kernels on CPU: jax's GPU interpreter plus four rules.
+"""Run Mosaic GPU (Hopper) Pallas kernels on CPU: jax's GPU interpreter plus a few rules.
 
 jax ships an interpreter for Mosaic GPU kernels (`InterpretGPUParams`: simulated shared
-memory, warpgroups as threads, TMA copies and mbarriers). In jax 0.10.2 it lacks what the
-Hopper flash-attention kernels use: its wgmma rule takes both operands from shared memory
-without a transpose (S = Q K^T reads K through a transposed view; P V takes P from
+memory, warpgroups as threads, TMA copies and mbarriers). It lacks part of what the Hopper
+flash-attention kernels use. In jax 0.10.2 its wgmma rule takes both operands from shared
+memory without a transpose (S = Q K^T reads K through a transposed view; P V takes P from
 registers), and it has no rule for storing into a wgmma accumulator (the running output
 before each P V matmul), for register layout casts, or for `plgpu.load` (the backward's row
-statistics). `extended_gpu_interpreter()` adds:
+statistics). jax 0.11 added transposed views, layout casts and `plgpu.load`, but still
+reads both wgmma operands from shared memory, does not race-check them, and has no
+accumulator store. `extended_gpu_interpreter()` adds, on either version:
 
 - wgmma with a register (array) left operand and index-then-transpose views of either
-  shared-memory operand: acc += a @ b computed in float32 like the hardware;
-- `wgmma_accumulator_store` and `plgpu.load`, rewritten into the ref swap / get the
-  interpreter has, so they stay in its token chain (ordered after the TMA copies and the
-  barrier waits before them);
-- `layout_cast` (which thread holds which register element): the identity.
+  shared-memory operand: acc += a @ b computed in float32 like the hardware, with the
+  operand reads race-checked;
+- `wgmma_accumulator_store` (and on 0.10 `plgpu.load`), rewritten into the ref swap / get
+  the interpreter has, so they stay in its token chain (ordered after the TMA copies and
+  the barrier waits before them);
+- on 0.10, `layout_cast` (which thread holds which register element): the identity;
+- on 0.11, two corrections to its race model. A wgmma operand read or a `plgpu.load` is
+  checked as a completed read (`_completed_read_011`), so a slot released by an mbarrier
+  arrive after the read may be refilled by TMA without a proxy fence, as in
+  FlashAttention-3 and jax's own Hopper attention. And the access history of shared
+  memory and registers ends with each block (`_forget_block_local_history`): 0.11 gives
+  every block fresh clocks but reuses their allocation keys, so block n+1's accesses
+  would all look unordered with block n's.
 
 Everything else (TMA, barriers, the three warpgroups, the grid) is jax's own interpreter:
 a barrier phase a thread skips is an error, shared memory starts as NaN (a read before a
@@ -45,6 +55,9 @@ from jax._src.state import primitives as state_primitives
 from jax._src.state import types as state_types
 
 _Interpreter = jaxpr_interpret.JaxprInterpreter
+# jax 0.11 reorganised the interpreter: threads are named by a MeshLocation and a Thread
+# object, accesses carry their transposes, and RefUnion members resolve through resolve_ref.
+_JAX_011_INTERPRETER = hasattr(jaxpr_interpret, "resolve_ref")
 
 
 def _thread_context(device_id, grid_point_coords, thread_id):
@@ -109,6 +122,110 @@ def _interpret_wgmma(self, eqn, token, get_invals):
     return token, []
 
 
+def _completed_read_011(memory, thread, info, key_array, transforms):
+    """Contents of a view, read to completion by `thread` (jax 0.11 interpreter).
+
+    A wgmma operand read or a `plgpu.load` has finished once the warpgroup goes on: its
+    values are in registers or the accumulator. Such a read is therefore checked with the
+    warpgroup's async-proxy clock after a tick on both proxies, as jax's own tcgen05
+    (Blackwell) rule does for tensor-core reads. It is then strictly after the TMA load it
+    waited for, and strictly before a TMA refill that waits for the warpgroup's later
+    release. That is the ordering FlashAttention-3, CUTLASS's TMA pipelines and jax's own
+    Hopper attention kernels rely on: they release a slot with an mbarrier arrive and no
+    proxy fence. jax 0.11 checks a plain read with the generic-proxy clock, which such a
+    release never carries to the async proxy, so each refill would be reported.
+    """
+    key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+    access = memory.access(
+        key, jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms)))
+    value, _, _ = memory.get_buffer_content(key, access, thread, increment_clock=False,
+                                            logging_info=info)
+    if memory.detect_races:
+        with memory.lock:
+            clocks = memory.clocks[thread]
+            clocks.inc(memory.thread_to_vc_position(thread))
+            read_clock = clocks.async_smem_clock.copy()
+        gpu_callbacks.get_races().check_read(thread, read_clock, key, access)
+    return value
+
+
+def _wgmma_callback_011(*, token, mesh_location, thread, acc, acc_transforms, a,
+                        a_transforms, a_in_registers, b, b_transforms, acc_dtype):
+    memory = gpu_callbacks._get_shared_memory()
+    info = gpu_callbacks.memory.GPULoggingInfo(mesh_location, thread, None)
+    read = functools.partial(_completed_read_011, memory, thread, info)
+    lhs = np.asarray(a) if a_in_registers else read(a, a_transforms)
+    rhs = read(b, b_transforms)
+    acc_key = gpu_callbacks.HostAllocationKey.from_array(acc)
+    acc_access = memory.access(
+        acc_key, jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
+    current, _, _ = memory.get_buffer_content(acc_key, acc_access, thread, logging_info=info)
+    result = current + np.matmul(lhs.astype(np.float32), rhs.astype(np.float32)).astype(acc_dtype)
+    memory.store_buffer_content(acc_key, acc_access, result, thread, logging_info=info)
+    return token
+
+
+def _load_callback_011(*, token, mesh_location, thread, ref, transforms):
+    memory = gpu_callbacks._get_shared_memory()
+    info = gpu_callbacks.memory.GPULoggingInfo(mesh_location, thread, None)
+    return token, _completed_read_011(memory, thread, info, ref, transforms)
+
+
+def _interpret_load_011(original):
+    def interpret(self, eqn, token, get_invals):
+        if eqn.primitive is not gpu_primitives.load_p:
+            return original(self, eqn, token, get_invals)
+        ref, *leaves = get_invals()
+        ref, transforms = jaxpr_interpret.resolve_ref(
+            eqn.invars[0].aval, ref, jax.tree.unflatten(eqn.params["tree"], leaves))
+        return callback.io_callback(
+            _load_callback_011, (gpu_callbacks.TOKEN_SHAPE_DTYPE, eqn.outvars[0].aval),
+            token=token, mesh_location=self.mesh_location, thread=self.thread, ref=ref,
+            transforms=transforms, ordered=True)
+    return interpret
+
+
+def _interpret_wgmma_011(self, eqn, token, get_invals):
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    acc_t, a_t, b_t = jax.tree.unflatten(
+        jax.tree_util.treedef_tuple((eqn.params["acc_transforms_tree"] or empty,
+                                     eqn.params["a_transforms_tree"] or empty,
+                                     eqn.params["b_transforms_tree"] or empty)), leaves)
+    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    acc, acc_t = jaxpr_interpret.resolve_ref(eqn.invars[0].aval, acc, acc_t)
+    if not a_in_registers:
+        a, a_t = jaxpr_interpret.resolve_ref(eqn.invars[1].aval, a, a_t)
+    b, b_t = jaxpr_interpret.resolve_ref(eqn.invars[2].aval, b, b_t)
+    token = callback.io_callback(
+        functools.partial(_wgmma_callback_011, acc_dtype=eqn.invars[0].aval.dtype,
+                          a_in_registers=a_in_registers),
+        gpu_callbacks.TOKEN_SHAPE_DTYPE, token=token, mesh_location=self.mesh_location,
+        thread=self.thread, acc=acc, acc_transforms=acc_t, a=a, a_transforms=a_t, b=b,
+        b_transforms=b_t, ordered=True)
+    return token, []
+
+
+def _forget_block_local_history(original):
+    """jax 0.11 runs the grid's blocks one after another and gives each a fresh vector
+    clock, but keeps every shared-memory and register access in the race history, and
+    reuses those allocation keys in the next block: each access of block n+1 then looks
+    unordered with block n's and is reported as a race. On a GPU those memories belong to
+    one block, so their history ends with it; global-memory history is kept (two blocks
+    writing the same output rows is still reported)."""
+    def reset_per_cluster_state(self):
+        original(self)
+        races = gpu_callbacks._races
+        if races is None:
+            return
+        gmem = gpu_callbacks.memory.get_memory_space_idx(gpu_core.MemorySpace.GMEM)
+        with races.lock:
+            for table in (races.reads, races.writes, races.union_accesses):
+                for key in [k for k in table if k.memory_space_id != gmem]:
+                    del table[key]
+    return reset_per_cluster_state
+
+
 def _interpret_layout_cast(original):
     def interpret(self, eqn, get_invals):
         if eqn.primitive is gpu_core.layout_cast_p:
@@ -126,7 +243,7 @@ def _as_ref_access(eqn):
     interpreter's token chain, which is what orders it after the TMA copies and barrier
     waits before it.
     """
-    if eqn.primitive is gpu_primitives.load_p:
+    if eqn.primitive is gpu_primitives.load_p and not _JAX_011_INTERPRETER:
         return eqn.replace(primitive=state_primitives.get_p,
                            params={"tree": eqn.params["tree"]})
     if eqn.primitive is gpu_primitives.wgmma_accumulator_store_p:
@@ -152,20 +269,31 @@ def extended_gpu_interpreter():
     happens-before race detector on); `races_found()` tells whether it reported any.
     """
     names = ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive", "interpret")
+    if _JAX_011_INTERPRETER:
+        names += ("_interpret_get_p",)
     for name in names:
         if not hasattr(_Interpreter, name):
             raise RuntimeError(f"jax's Mosaic GPU interpreter has no {name}: update "
                                f"{__name__} for this jax version ({jax.__version__})")
     saved = {name: getattr(_Interpreter, name) for name in names}
-    _Interpreter._interpret_wgmma_ref_p = _interpret_wgmma
-    _Interpreter._interpret_arithmetic_primitive = _interpret_layout_cast(
-        saved["_interpret_arithmetic_primitive"])
     _Interpreter.interpret = _interpret_rewritten(saved["interpret"])
+    if _JAX_011_INTERPRETER:
+        shared_memory = gpu_callbacks.memory.GPUSharedMemory
+        saved_reset = shared_memory.reset_per_cluster_state
+        shared_memory.reset_per_cluster_state = _forget_block_local_history(saved_reset)
+        _Interpreter._interpret_wgmma_ref_p = _interpret_wgmma_011
+        _Interpreter._interpret_get_p = _interpret_load_011(saved["_interpret_get_p"])
+    else:
+        _Interpreter._interpret_wgmma_ref_p = _interpret_wgmma
+        _Interpreter._interpret_arithmetic_primitive = _interpret_layout_cast(
+            saved["_interpret_arithmetic_primitive"])
     try:
         yield InterpretGPUParams(detect_races=True)
     finally:
         for name, method in saved.items():
             setattr(_Interpreter, name, method)
+        if _JAX_011_INTERPRETER:
+            shared_memory.reset_per_cluster_state = saved_reset
 
 
 def races_found() -> bool:
