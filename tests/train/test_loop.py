@@ -2,8 +2,10 @@
 fall back past a broken checkpoint. Uses a tiny Transformer and a synthetic data iterator so
 these tests depend on nothing but the loop."""
 
+import glob
 import os
 import signal
+import struct
 
 import chex
 import jax
@@ -116,6 +118,44 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, mesh, uninterrupted
     chex.assert_trees_all_equal(jax.device_get(second.state), expected)
     steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
     assert steps == sorted(set(steps)), "resume duplicated metric rows"
+
+
+def tensorboard_tags(workdir):
+    """Scalar tags in the TensorBoard event files of a workdir (TFRecords of Event protos:
+    u64 length, u32 length crc, the record, u32 record crc)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            offset += 12 + length + 4
+    return tags
+
+
+def test_error_mid_run_commits_checkpoint_and_events_then_resumes(tmp_path, mesh,
+                                                                   uninterrupted):
+    """An exception inside the loop (a bad batch at step 5) still commits the asynchronous
+    checkpoint of step 3 and flushes the TensorBoard events; the rerun resumes from step 3."""
+    _, expected = uninterrupted
+    workdir = str(tmp_path)
+
+    def bad_batch_at_5(position):
+        if position == 5:
+            raise ValueError("malformed batch 5")
+
+    with pytest.raises(ValueError, match="malformed batch 5"):
+        loop.run_supervised(make_task(bad_batch_at_5), train_cfg(async_checkpoint=True), mesh,
+                            workdir, seed=0)
+    assert {"train/loss", "eval/loss"} <= tensorboard_tags(workdir)
+    again = loop.run_supervised(make_task(), train_cfg(async_checkpoint=True), mesh, workdir,
+                                seed=0)
+    assert again.finished and again.step == 8
+    chex.assert_trees_all_equal(jax.device_get(again.state), expected)
 
 
 def test_finished_stage_is_skipped(tmp_path, mesh, capsys):

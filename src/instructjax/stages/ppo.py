@@ -218,160 +218,163 @@ def run(config: Any, workdir: str) -> dict:
                                          max_to_keep=int(config.train.keep_checkpoints),
                                          async_save=bool(config.train.async_checkpoint))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    kl_cfg = kl_lib.KLControllerConfig(kind=str(config.ppo.kl_controller),
-                                       init_coef=float(config.ppo.init_kl_coef),
-                                       target=float(config.ppo.kl_target),
-                                       horizon=float(config.ppo.kl_horizon))
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_with_shardings(abstract, shardings))
-    if restored is not None:
-        state, meta, start = restored
-        if meta.get("finished") and start >= iterations:
-            if is_main:
-                print(f"[ppo] already finished at iteration {start} ({workdir}); nothing to do",
-                      flush=True)
-            checkpointer.close()
-            return {}
-        if meta.get("process_count", 1) != jax.process_count():
-            raise common.StageError(
-                f"{workdir} was checkpointed by {meta.get('process_count', 1)} process(es); "
-                f"resume it with the same number (now {jax.process_count()}): each process's "
-                "data position belongs to its own shard")
-        prompt_batches.set_state(meta["prompt_state"])
-        if ptx_batches is not None:
-            ptx_batches.set_state(meta["ptx_state"])
-        kl_state = kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
-        writer.truncate_after(start)
-        if is_main:
-            print(f"[ppo] resuming from iteration {start}", flush=True)
-    else:
-        state = state_lib.create_state(init_boxed, tx, shardings, int(config.seed), initial_params())
-        kl_state = kl_lib.init_controller(kl_cfg)
-        start = 0
-    common.write_run_info(workdir, "ppo", policy_cfg,
-                          {"reward_from": os.path.abspath(config.ppo.reward_from)})
-
-    # -- jitted phases
-    policy_forward = exp_lib.make_policy_forward(model, hp)
-    reference_forward = exp_lib.make_reference_forward(ref_model, hp)
-    reward_forward = exp_lib.make_reward_forward(rm, hp)
-    advantages_fn = exp_lib.make_advantages(hp)
-    policy_model = Transformer(policy_cfg)  # the policy's trunk alone, for sampling
-    rollout_params = make_rollout_params(config, policy_cfg, shardings.params)
-    ptx_loss = lm_loss_fn(policy_model) if ptx_batches is not None else None
-    update = exp_lib.make_update(model, tx, hp, ptx_loss)
-    frozen_before = frozen_checksums(ref_params, rm_params)
-
-    def evaluate(iteration):
-        if not eval_sets:
-            return {}
-        result = true_score_lib.evaluate_sets(
-            ac.policy_params(state.params), iteration, model=policy_model, tokenizer=tokenizer,
-            template=template, prompt_sets=eval_sets, eval_cfg=config.eval,
-            max_turns=int(config.chat.max_turns), seed=int(config.seed), mesh=mesh)
-        writer.write(iteration, "eval", result)
-        if is_main:
-            print(f"[ppo] eval @ {iteration}: true_score {result['true_score']:.3f} "
-                  f"(sampled {result['true_score_sampled']:.3f}, eos {result['eos_rate']:.2f}); "
-                  f"held-out problems {result['heldout_true_score']:.3f} "
-                  f"(sampled {result['heldout_true_score_sampled']:.3f})", flush=True)
-        return result
-
-    if start == 0:
-        evaluate(0)
-    rng = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
-    progress = metrics_lib.Progress(iterations, start, enabled=is_main, stage="ppo")
-    last, done = {}, start
-    with preemption_lib.Preemption() as preemption, mesh_lib.activate(mesh):
-        for iteration in range(start, iterations):
-            it_rng = jax.random.fold_in(rng, iteration)
-            gen_rng, shuffle_rng = jax.random.split(it_rng)
-            timings = {}
-
-            # -- phase: rollout
-            t0 = time.perf_counter()
-            prompts = pipeline.make_global_batch(next(prompt_batches), mesh)
-            out = rollout.generate(
-                policy_model, rollout_params(state.params), prompts["tokens"], prompts["mask"],
-                gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
-                temperature=hp.temperature, top_k=int(config.ppo.top_k),
-                top_p=float(config.ppo.top_p), greedy=False, eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id, num_samples=int(config.ppo.num_samples))
-            jax.block_until_ready(out.tokens)
-            timings["time_generation"] = time.perf_counter() - t0
-
-            # -- phase: old log-probs and values (policy), reference, reward
-            t0 = time.perf_counter()
-            old_logprobs, old_values, entropy = jax.block_until_ready(
-                policy_forward(state.params, out.tokens, out.mask))
-            timings["time_policy_forward"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ref_logprobs = jax.block_until_ready(reference_forward(ref_params, out.tokens, out.mask))
-            timings["time_reference"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            raw_scores = jax.block_until_ready(reward_forward(rm_params, out.tokens, out.mask))
-            timings["time_reward"] = time.perf_counter() - t0
-
-            # -- phase: advantages (once per rollout batch)
-            experience, exp_stats = advantages_fn(
-                out.tokens, out.mask, out.response_mask, out.ended, old_logprobs, old_values,
-                ref_logprobs, raw_scores, kl_state.kl_coef, gain, bias)
-
-            # -- phase: E epochs x M minibatches over the frozen buffer
-            t0 = time.perf_counter()
-            update_stats = []
-            for epoch in range(epochs):
-                # computed alike on every process, passed to `take` as a host array
-                order = np.asarray(jax.random.permutation(
-                    jax.random.fold_in(shuffle_rng, epoch), rollout_batch))
-                for m in range(minibatches):
-                    index = order[m * hp.chunk:(m + 1) * hp.chunk]
-                    ptx_batch = (pipeline.make_global_batch(next(ptx_batches), mesh)
-                                 if ptx_batches is not None else None)
-                    state, stats = update(state, exp_lib.take(experience, index), ptx_batch)
-                    # One update in flight at a time: CPU gloo collectives were seen to
-                    # deadlock with dozens of queued cross-process programs; on accelerators
-                    # the next update waits for this one's params anyway.
-                    update_stats.append(jax.block_until_ready(stats))
-            update_stats = jax.device_get(update_stats)
-            timings["time_training"] = time.perf_counter() - t0
-
-            # -- phase: KL controller, metrics, eval, checkpoint
-            exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
-            kl_coef_used = kl_state.kl_coef
-            kl_state = kl_lib.update_controller(kl_cfg, kl_state, jnp.float32(exp_stats["kl"]),
-                                                rollout_batch)
-            # reduced on device: the rows may live on other processes
-            rollout_row = {k: float(v) for k, v in jax.device_get(
-                exp_lib.rollout_stats(entropy, out.response_mask, out.ended)).items()}
-            response_tokens = rollout_row.pop("response_tokens")
-            row = {**exp_stats, **timings, **rollout_row,
-                   **{k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]},
-                   "kl_coef": float(jax.device_get(kl_coef_used)),  # beta of this iteration
-                   "rollout_tokens_per_sec": response_tokens / max(timings["time_generation"], 1e-9),
-                   "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
-            done = iteration + 1
-            writer.write(done, "train", row)
-            progress.report(done, {"loss": row["loss"], **{k: row[k] for k in ("score", "kl")}})
-            last = row
-            if done % int(config.train.eval_every) == 0 or done == iterations:
-                last = {**last, **evaluate(done)}
-            finished = done == iterations
-            stop = preemption.should_stop(done)  # the same answer on every process
-            if finished or done % int(config.train.checkpoint_every) == 0 or stop:
-                # Iterator positions: every process has drawn the same number of batches
-                # from its own shard, so process 0's position (orbax writes the JSON from
-                # process 0) is every process's position.
-                meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
-                        "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
-                        "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None,
-                        "process_count": jax.process_count()}
-                checkpointer.save(done, state, meta)
-            if stop and not finished:
+    # Both are closed on every way out, an exception included: pending asynchronous
+    # saves are committed and the TensorBoard events flushed.
+    with checkpointer, writer:
+        kl_cfg = kl_lib.KLControllerConfig(kind=str(config.ppo.kl_controller),
+                                           init_coef=float(config.ppo.init_kl_coef),
+                                           target=float(config.ppo.kl_target),
+                                           horizon=float(config.ppo.kl_horizon))
+        restored = checkpointer.restore_latest(
+            ckpt_lib.abstract_with_shardings(abstract, shardings))
+        if restored is not None:
+            state, meta, start = restored
+            if meta.get("finished") and start >= iterations:
                 if is_main:
-                    print(f"[ppo] SIGTERM: saved iteration {done}, exiting", flush=True)
-                break
-    checkpointer.close()
-    writer.close()
+                    print(f"[ppo] already finished at iteration {start} ({workdir}); nothing to do",
+                          flush=True)
+                return {}
+            if meta.get("process_count", 1) != jax.process_count():
+                raise common.StageError(
+                    f"{workdir} was checkpointed by {meta.get('process_count', 1)} process(es); "
+                    f"resume it with the same number (now {jax.process_count()}): each process's "
+                    "data position belongs to its own shard")
+            prompt_batches.set_state(meta["prompt_state"])
+            if ptx_batches is not None:
+                ptx_batches.set_state(meta["ptx_state"])
+            kl_state = kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
+            writer.truncate_after(start)
+            if is_main:
+                print(f"[ppo] resuming from iteration {start}", flush=True)
+        else:
+            state = state_lib.create_state(init_boxed, tx, shardings, int(config.seed),
+                                           initial_params())
+            kl_state = kl_lib.init_controller(kl_cfg)
+            start = 0
+        common.write_run_info(workdir, "ppo", policy_cfg,
+                              {"reward_from": os.path.abspath(config.ppo.reward_from)})
+
+        # -- jitted phases
+        policy_forward = exp_lib.make_policy_forward(model, hp)
+        reference_forward = exp_lib.make_reference_forward(ref_model, hp)
+        reward_forward = exp_lib.make_reward_forward(rm, hp)
+        advantages_fn = exp_lib.make_advantages(hp)
+        policy_model = Transformer(policy_cfg)  # the policy's trunk alone, for sampling
+        rollout_params = make_rollout_params(config, policy_cfg, shardings.params)
+        ptx_loss = lm_loss_fn(policy_model) if ptx_batches is not None else None
+        update = exp_lib.make_update(model, tx, hp, ptx_loss)
+        frozen_before = frozen_checksums(ref_params, rm_params)
+
+        def evaluate(iteration):
+            if not eval_sets:
+                return {}
+            result = true_score_lib.evaluate_sets(
+                ac.policy_params(state.params), iteration, model=policy_model, tokenizer=tokenizer,
+                template=template, prompt_sets=eval_sets, eval_cfg=config.eval,
+                max_turns=int(config.chat.max_turns), seed=int(config.seed), mesh=mesh)
+            writer.write(iteration, "eval", result)
+            if is_main:
+                print(f"[ppo] eval @ {iteration}: true_score {result['true_score']:.3f} "
+                      f"(sampled {result['true_score_sampled']:.3f}, eos {result['eos_rate']:.2f}); "
+                      f"held-out problems {result['heldout_true_score']:.3f} "
+                      f"(sampled {result['heldout_true_score_sampled']:.3f})", flush=True)
+            return result
+
+        if start == 0:
+            evaluate(0)
+        rng = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
+        progress = metrics_lib.Progress(iterations, start, enabled=is_main, stage="ppo")
+        last, done = {}, start
+        with preemption_lib.Preemption() as preemption, mesh_lib.activate(mesh):
+            for iteration in range(start, iterations):
+                it_rng = jax.random.fold_in(rng, iteration)
+                gen_rng, shuffle_rng = jax.random.split(it_rng)
+                timings = {}
+
+                # -- phase: rollout
+                t0 = time.perf_counter()
+                prompts = pipeline.make_global_batch(next(prompt_batches), mesh)
+                out = rollout.generate(
+                    policy_model, rollout_params(state.params), prompts["tokens"], prompts["mask"],
+                    gen_rng, max_new_tokens=int(config.ppo.max_new_tokens),
+                    temperature=hp.temperature, top_k=int(config.ppo.top_k),
+                    top_p=float(config.ppo.top_p), greedy=False, eos_id=tokenizer.eos_id,
+                    pad_id=tokenizer.pad_id, num_samples=int(config.ppo.num_samples))
+                jax.block_until_ready(out.tokens)
+                timings["time_generation"] = time.perf_counter() - t0
+
+                # -- phase: old log-probs and values (policy), reference, reward
+                t0 = time.perf_counter()
+                old_logprobs, old_values, entropy = jax.block_until_ready(
+                    policy_forward(state.params, out.tokens, out.mask))
+                timings["time_policy_forward"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                ref_logprobs = jax.block_until_ready(
+                    reference_forward(ref_params, out.tokens, out.mask))
+                timings["time_reference"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                raw_scores = jax.block_until_ready(reward_forward(rm_params, out.tokens, out.mask))
+                timings["time_reward"] = time.perf_counter() - t0
+
+                # -- phase: advantages (once per rollout batch)
+                experience, exp_stats = advantages_fn(
+                    out.tokens, out.mask, out.response_mask, out.ended, old_logprobs, old_values,
+                    ref_logprobs, raw_scores, kl_state.kl_coef, gain, bias)
+
+                # -- phase: E epochs x M minibatches over the frozen buffer
+                t0 = time.perf_counter()
+                update_stats = []
+                for epoch in range(epochs):
+                    # computed alike on every process, passed to `take` as a host array
+                    order = np.asarray(jax.random.permutation(
+                        jax.random.fold_in(shuffle_rng, epoch), rollout_batch))
+                    for m in range(minibatches):
+                        index = order[m * hp.chunk:(m + 1) * hp.chunk]
+                        ptx_batch = (pipeline.make_global_batch(next(ptx_batches), mesh)
+                                     if ptx_batches is not None else None)
+                        state, stats = update(state, exp_lib.take(experience, index), ptx_batch)
+                        # One update in flight at a time: CPU gloo collectives were seen to
+                        # deadlock with dozens of queued cross-process programs; on accelerators
+                        # the next update waits for this one's params anyway.
+                        update_stats.append(jax.block_until_ready(stats))
+                update_stats = jax.device_get(update_stats)
+                timings["time_training"] = time.perf_counter() - t0
+
+                # -- phase: KL controller, metrics, eval, checkpoint
+                exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
+                kl_coef_used = kl_state.kl_coef
+                kl_state = kl_lib.update_controller(kl_cfg, kl_state, jnp.float32(exp_stats["kl"]),
+                                                    rollout_batch)
+                # reduced on device: the rows may live on other processes
+                rollout_row = {k: float(v) for k, v in jax.device_get(
+                    exp_lib.rollout_stats(entropy, out.response_mask, out.ended)).items()}
+                response_tokens = rollout_row.pop("response_tokens")
+                row = {**exp_stats, **timings, **rollout_row,
+                       **{k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]},
+                       "kl_coef": float(jax.device_get(kl_coef_used)),  # beta of this iteration
+                       "rollout_tokens_per_sec": response_tokens / max(timings["time_generation"], 1e-9),
+                       "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
+                done = iteration + 1
+                writer.write(done, "train", row)
+                progress.report(done, {"loss": row["loss"], **{k: row[k] for k in ("score", "kl")}})
+                last = row
+                if done % int(config.train.eval_every) == 0 or done == iterations:
+                    last = {**last, **evaluate(done)}
+                finished = done == iterations
+                stop = preemption.should_stop(done)  # the same answer on every process
+                if finished or done % int(config.train.checkpoint_every) == 0 or stop:
+                    # Iterator positions: every process has drawn the same number of batches
+                    # from its own shard, so process 0's position (orbax writes the JSON from
+                    # process 0) is every process's position.
+                    meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
+                            "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
+                            "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None,
+                            "process_count": jax.process_count()}
+                    checkpointer.save(done, state, meta)
+                if stop and not finished:
+                    if is_main:
+                        print(f"[ppo] SIGTERM: saved iteration {done}, exiting", flush=True)
+                    break
     frozen_after = frozen_checksums(ref_params, rm_params)
     if frozen_after != frozen_before:  # e.g. a donated or aliased buffer: never silently
         raise RuntimeError(f"frozen models changed during PPO: {frozen_before} -> {frozen_after}")

@@ -32,6 +32,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True))
+        self._closed = False
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts saving (asynchronously when enabled); `meta` must be JSON-serialisable."""
@@ -87,9 +88,18 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
+        """Waits for pending saves and releases the manager (again: a no-op)."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 PARAMS_DIR = "params"  # a finished stage's exported parameters, read by later stages

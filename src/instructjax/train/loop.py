@@ -89,100 +89,102 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
         os.path.join(workdir, "checkpoints"), max_to_keep=int(train_cfg.keep_checkpoints),
         async_save=bool(train_cfg.async_checkpoint))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    train_batches = task.make_train_batches()
+    # Both are closed on every way out, an exception included: pending asynchronous
+    # saves are committed and the TensorBoard events flushed.
+    with checkpointer, writer:
+        train_batches = task.make_train_batches()
 
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_with_shardings(abstract, shardings))
-    if restored is not None:
-        state, meta, start_step = restored
-        if meta.get("finished") and start_step >= total_steps:
-            if is_main:
-                print(f"[{task.name}] already finished at step {start_step} ({workdir}); "
-                      "nothing to do", flush=True)
-            checkpointer.close()
-            if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
-                ckpt_lib.export_params(workdir, state.params)  # killed before exporting
-            return LoopResult(state, start_step, finished=True, skipped=True)
-        train_batches.set_state(meta["data_state"])
-        writer.truncate_after(start_step)
-        if is_main:
-            print(f"[{task.name}] resuming from step {start_step}", flush=True)
-    else:
-        initial = task.load_initial_params() if task.load_initial_params else None
-        state = state_lib.create_state(task.init_params_boxed, tx, shardings, seed, initial)
-        start_step = 0
-
-    train_step = eval_step = None  # jitted on first use, when batch shapes are known
-    eval_batches: list[dict] | None = None
-    progress = metrics_lib.Progress(total_steps, start_step, enabled=is_main, stage=task.name)
-    log_every = max(int(train_cfg.log_every), 1)
-    last_log_time, last_log_step = time.perf_counter(), start_step
-
-    def run_eval(params, step):
-        nonlocal eval_batches, eval_step
-        if task.make_eval_batches is None:
-            return {}
-        if eval_batches is None:  # the same held-out batches every time
-            eval_batches = list(task.make_eval_batches())[: int(train_cfg.eval_batches)]
-            eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(task.loss_fn),
-                                               shardings.params, mesh, _ndims_of(eval_batches[0]))
-        with mesh_lib.activate(mesh):
-            result = _evaluate(eval_step, params, eval_batches, mesh)
-            if task.extra_eval is not None:
-                result.update(task.extra_eval(params, step))
-        writer.write(step, "eval", result)
-        if is_main:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
-                              if isinstance(v, (int, float)))
-            print(f"[{task.name}] eval @ {step}: {shown}", flush=True)
-        return result
-
-    step = start_step
-    if start_step == 0:
-        run_eval(state.params, 0)
-    preempted = False
-    multi_process_cpu = jax.process_count() > 1 and jax.default_backend() == "cpu"
-    with preemption_lib.Preemption() as preemption:
-        while step < total_steps:
-            host_batch = next(train_batches)
-            if train_step is None:
-                train_step = step_lib.jit_train_step(
-                    step_lib.make_train_step(task.loss_fn, tx, schedule,
-                                             grad_accum_steps=int(train_cfg.grad_accum_steps)),
-                    shardings, mesh, _ndims_of(host_batch))
-            batch = data_pipeline.make_global_batch(host_batch, mesh)
-            with mesh_lib.activate(mesh):
-                state, metrics = train_step(state, batch)
-            step += 1
-
-            if multi_process_cpu:
-                # CPU collectives across processes deadlock when many cross-process programs
-                # are queued (measured: 30 fine, 100 hung), so run one step at a time there.
-                jax.block_until_ready(state)
-            if step % log_every == 0 or step == total_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                metrics["steps_per_sec"] = rate
-                metrics["tokens_per_sec"] = rate * task.tokens_per_batch
-                last_log_time, last_log_step = now, step
-                writer.write(step, "train", metrics)
-                progress.report(step, metrics)
-
-            if step % int(train_cfg.eval_every) == 0 or step == total_steps:
-                run_eval(state.params, step)
-
-            finished = step == total_steps
-            stop = preemption.should_stop(step)  # the same answer on every process
-            if finished or step % int(train_cfg.checkpoint_every) == 0 or stop:
-                checkpointer.save(step, state, {"data_state": train_batches.get_state(),
-                                                "finished": finished, "stage": task.name})
-            if stop and not finished:
-                preempted = True
+        restored = checkpointer.restore_latest(
+            ckpt_lib.abstract_with_shardings(abstract, shardings))
+        if restored is not None:
+            state, meta, start_step = restored
+            if meta.get("finished") and start_step >= total_steps:
                 if is_main:
-                    print(f"[{task.name}] SIGTERM: saved step {step}, exiting", flush=True)
-                break
-    checkpointer.close()
-    writer.close()
+                    print(f"[{task.name}] already finished at step {start_step} ({workdir}); "
+                          "nothing to do", flush=True)
+                if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
+                    ckpt_lib.export_params(workdir, state.params)  # killed before exporting
+                return LoopResult(state, start_step, finished=True, skipped=True)
+            train_batches.set_state(meta["data_state"])
+            writer.truncate_after(start_step)
+            if is_main:
+                print(f"[{task.name}] resuming from step {start_step}", flush=True)
+        else:
+            initial = task.load_initial_params() if task.load_initial_params else None
+            state = state_lib.create_state(task.init_params_boxed, tx, shardings, seed, initial)
+            start_step = 0
+
+        train_step = eval_step = None  # jitted on first use, when batch shapes are known
+        eval_batches: list[dict] | None = None
+        progress = metrics_lib.Progress(total_steps, start_step, enabled=is_main, stage=task.name)
+        log_every = max(int(train_cfg.log_every), 1)
+        last_log_time, last_log_step = time.perf_counter(), start_step
+
+        def run_eval(params, step):
+            nonlocal eval_batches, eval_step
+            if task.make_eval_batches is None:
+                return {}
+            if eval_batches is None:  # the same held-out batches every time
+                eval_batches = list(task.make_eval_batches())[: int(train_cfg.eval_batches)]
+                eval_step = step_lib.jit_eval_step(
+                    step_lib.make_eval_step(task.loss_fn), shardings.params, mesh,
+                    _ndims_of(eval_batches[0]))
+            with mesh_lib.activate(mesh):
+                result = _evaluate(eval_step, params, eval_batches, mesh)
+                if task.extra_eval is not None:
+                    result.update(task.extra_eval(params, step))
+            writer.write(step, "eval", result)
+            if is_main:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                  if isinstance(v, (int, float)))
+                print(f"[{task.name}] eval @ {step}: {shown}", flush=True)
+            return result
+
+        step = start_step
+        if start_step == 0:
+            run_eval(state.params, 0)
+        preempted = False
+        multi_process_cpu = jax.process_count() > 1 and jax.default_backend() == "cpu"
+        with preemption_lib.Preemption() as preemption:
+            while step < total_steps:
+                host_batch = next(train_batches)
+                if train_step is None:
+                    train_step = step_lib.jit_train_step(
+                        step_lib.make_train_step(task.loss_fn, tx, schedule,
+                                                 grad_accum_steps=int(train_cfg.grad_accum_steps)),
+                        shardings, mesh, _ndims_of(host_batch))
+                batch = data_pipeline.make_global_batch(host_batch, mesh)
+                with mesh_lib.activate(mesh):
+                    state, metrics = train_step(state, batch)
+                step += 1
+
+                if multi_process_cpu:
+                    # CPU collectives across processes deadlock when many cross-process programs
+                    # are queued (measured: 30 fine, 100 hung), so run one step at a time there.
+                    jax.block_until_ready(state)
+                if step % log_every == 0 or step == total_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    metrics["steps_per_sec"] = rate
+                    metrics["tokens_per_sec"] = rate * task.tokens_per_batch
+                    last_log_time, last_log_step = now, step
+                    writer.write(step, "train", metrics)
+                    progress.report(step, metrics)
+
+                if step % int(train_cfg.eval_every) == 0 or step == total_steps:
+                    run_eval(state.params, step)
+
+                finished = step == total_steps
+                stop = preemption.should_stop(step)  # the same answer on every process
+                if finished or step % int(train_cfg.checkpoint_every) == 0 or stop:
+                    checkpointer.save(step, state, {"data_state": train_batches.get_state(),
+                                                    "finished": finished, "stage": task.name})
+                if stop and not finished:
+                    preempted = True
+                    if is_main:
+                        print(f"[{task.name}] SIGTERM: saved step {step}, exiting", flush=True)
+                    break
     if step == total_steps:
         ckpt_lib.export_params(workdir, state.params)
     return LoopResult(state, step, finished=step == total_steps, preempted=preempted)

@@ -72,10 +72,16 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        """Flushes and closes the event writer."""
+        """Flushes and closes the event writer (again: a no-op)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def read_metrics(workdir_or_path: str) -> list[dict]:
