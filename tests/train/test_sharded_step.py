@@ -54,11 +54,17 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     chex.assert_trees_all_close(g8, g1, rtol=1e-5, atol=2e-5)
-    # Updated parameters: Adam's first step is lr * g / (|g| + eps), which turns the rounding
-    # of a near-zero gradient entry into a visible update difference. Bound: 1e-5 relative
-    # plus atol 5e-5 = 0.5% of lr (1e-2); a wrong sharding would be off by O(lr).
-    chex.assert_trees_all_close(jax.device_get(s8.params), jax.device_get(s1.params),
-                                rtol=1e-5, atol=5e-5)
+    # Updated parameters: Adam's first step moves an entry by lr * g / (|g| + eps), about
+    # lr * sign(g). Where |g| is within the gradients' agreement (2e-5) its sign is rounding
+    # noise, and the two updates may differ by up to 2 lr: those entries are only held to
+    # that. Elsewhere the signs agree and the updates differ by <= lr * eps / |g| < 1e-5, so
+    # 1e-5 relative plus atol 5e-5 (0.5% of lr = 1e-2); a wrong sharding is off by O(lr).
+    def check_update(p8, p1, g):
+        p8, p1, g = np.asarray(p8), np.asarray(p1), np.asarray(g)
+        signed = np.abs(g) > 2e-5
+        np.testing.assert_allclose(p8[signed], p1[signed], rtol=1e-5, atol=5e-5)
+        assert np.all(np.abs(p8 - p1)[~signed] <= 2 * 1e-2 + 1e-6)
+    jax.tree.map(check_update, jax.device_get(s8.params), jax.device_get(s1.params), g1)
 
     # Placement by the rules (params are scanned: a leading replicated 'layers' axis).
     expected = {
