@@ -16,8 +16,9 @@ printed.
 
 Decode: one token per sequence against a bf16 cache, GB/s = bytes of K and V that must be
 read (2 * sum(lengths) * K * D * 2) over the time, for full and ragged (uniform random)
-lengths, ours (kernels/decode_attention.py) vs the plain-jnp reference under XLA, against the
-device copy bandwidth measured in the same run (x + 1 on a large array: read + write).
+lengths, ours (kernels/decode_attention.py: Triton, and on Hopper "ours-mosaic", the Mosaic
+GPU kernel of kernels/decode_attention_mgpu.py) vs the plain-jnp reference under XLA, against
+the device copy bandwidth measured in the same run (x + 1 on a large array: read + write).
 
 The tables are printed and appended to benchmarks/RESULTS.md (not in --quick mode unless
 --results is given) with the date, device kind and jax version. Imports jax and numpy only.
@@ -271,14 +272,24 @@ def copy_bandwidth(n_bytes, iters):
 
 
 def bench_decode(args, interpret, dtype, copy_gbs):
+    """Decode GB/s table: ours (Triton), ours-mosaic (Hopper only) and the XLA reference."""
     H, K, D = 32, 8, 128
     if args.quick:
         H, K, D = 8, 2, 64
-    lines = ["| cache L | B | lengths | bytes K+V (MB) | ours GB/s | xla GB/s | ours/copy | "
-             "xla/copy | ours/xla |", "|" + "---|" * 9]
-    ours = jax.jit(lambda q, k, v, n: decode_lib.decode_attention(q, k, v, n,
-                                                                  interpret=interpret))
-    xla = jax.jit(reference.decode_attention_reference)
+    impls = {"ours": jax.jit(lambda q, k, v, n: decode_lib.decode_attention(
+        q, k, v, n, interpret=interpret))}
+    if mosaic_lib.is_hopper(jax.devices()[0]):
+        impls["ours-mosaic"] = jax.jit(lambda q, k, v, n: decode_lib.decode_attention(
+            q, k, v, n, gpu_kernel="mosaic"))
+    else:
+        print("  decode ours-mosaic skipped: needs a Hopper (sm_90) GPU", flush=True)
+    impls["xla"] = jax.jit(reference.decode_attention_reference)
+    ours = [name for name in impls if name != "xla"]
+    header = (["cache L", "B", "lengths", "bytes K+V (MB)"] + [f"{n} GB/s" for n in impls]
+              + [f"{n}/copy" for n in impls] + [f"{n}/xla" for n in ours])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fmt = lambda a: f"{a:.3g}" if a is not None else "–"
+    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "–"
     for L in args.decode_lens:
         B = max(1, min(64, args.decode_tokens // L))
         q = random_array(4, (B, H, D), dtype)
@@ -289,19 +300,20 @@ def bench_decode(args, interpret, dtype, copy_gbs):
             lengths = jnp.asarray(lengths, jnp.int32)
             n_bytes = 2 * int(lengths.sum()) * K * D * jnp.dtype(dtype).itemsize
             result = {}
-            for name, fn in [("ours", ours), ("xla", xla)]:
+            for name, fn in impls.items():
                 try:
                     sec = time_fn(fn, (q, k, v, lengths), args.iters)
                     result[name] = n_bytes / sec / 1e9
                 except Exception as err:
                     result[name] = None
                     print(f"  skip decode {name} L={L}: {short_error(err)}", flush=True)
-            o, x = result["ours"], result["xla"]
-            fmt = lambda a: f"{a:.3g}" if a is not None else "–"
-            ratio = lambda a, b: f"{a / b:.2f}" if a and b else "–"
-            lines.append(f"| {L} | {B} | {kind} | {n_bytes / 1e6:.3g} | {fmt(o)} | {fmt(x)} | "
-                         f"{ratio(o, copy_gbs)} | {ratio(x, copy_gbs)} | {ratio(o, x)} |")
-            print(f"  decode L={L} {kind}: ours {fmt(o)} GB/s, xla {fmt(x)} GB/s", flush=True)
+            cells = ([str(L), str(B), kind, f"{n_bytes / 1e6:.3g}"]
+                     + [fmt(result[n]) for n in impls]
+                     + [ratio(result[n], copy_gbs) for n in impls]
+                     + [ratio(result[n], result["xla"]) for n in ours])
+            lines.append("| " + " | ".join(cells) + " |")
+            print(f"  decode L={L} {kind}: "
+                  + ", ".join(f"{n} {fmt(result[n])} GB/s" for n in impls), flush=True)
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ target = 2 programs per GPU multiprocessor (two resident programs per SM hide me
 
 Backends as in flash_attention.py: the CPU interpreter, Triton on GPU (the group is padded
 to 16 rows, Triton's smallest dot), Mosaic TPU (unmeasured; caches are transposed to
-[B, K, L, D] for TPU tiling, a full copy per call that a heads-major cache would avoid).
+[B, K, L, D] for TPU tiling, a full copy per call that a heads-major cache would avoid), and
+with gpu_kernel="mosaic" the Hopper kernel of decode_attention_mgpu.py (TMA-pipelined, the
+group padded to the 64 rows of a warpgroup's wgmma; same partials and combine).
 
 Letters: B batch, H query heads, K kv heads, G = H // K, Gp G padded for the backend, L cache
 length, D head dim, N splits, bk cache block.
@@ -34,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from instructjax.kernels import decode_attention_mgpu as dmgpu
+from instructjax.kernels import flash_attention_mgpu as mgpu
 
 # Finite score fill for invisible cache entries (see flash_attention.py).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -128,6 +133,29 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, sm
     lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[:, None]
 
 
+def _hopper_decode(q, k_cache, v_cache, lengths, kv_mask, *, sm_scale, bk, blocks_per_split,
+                   num_splits, interpret):
+    """decode_attention through the Hopper kernel (decode_attention_mgpu.py): q padded to
+    its 64-row group tile, the caches to a multiple of bk; [B, H, D] in q.dtype."""
+    B, H, D = q.shape
+    L, K = k_cache.shape[1], k_cache.shape[2]
+    G = H // K
+    L_pad = -(-L // bk) * bk
+    q_BKRD = jnp.pad(q.reshape(B, K, G, D), ((0, 0), (0, 0), (0, dmgpu.ROWS - G), (0, 0)))
+    if L_pad != L:
+        pad = ((0, 0), (0, L_pad - L), (0, 0), (0, 0))
+        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+    mask_BL = (jnp.ones((B, L), jnp.int32) if kv_mask is None
+               else (kv_mask != 0).astype(jnp.int32))
+    mask_BL = jnp.pad(mask_BL, ((0, 0), (0, L_pad - L)))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, L)
+    partials = functools.partial(dmgpu.decode_partials, group=G, sm_scale=float(sm_scale),
+                                 block_kv=bk, blocks_per_split=blocks_per_split,
+                                 num_splits=num_splits, interpret=interpret)
+    o, lse = _forward_only(partials)(q_BKRD, k_cache, v_cache, lengths, mask_BL)
+    return _combine(o, lse[..., None]).reshape(B, H, D).astype(q.dtype)
+
+
 def _combine(o_BKNGD, lse_BKNG1):
     """Merge split partials in float32: sum_n w_n o_n / sum_n w_n with w_n = exp(lse_n)."""
     lse_max = lse_BKNG1.max(axis=2, keepdims=True)
@@ -163,7 +191,8 @@ def _forward_only(fn):
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=None,
-                     num_splits=None, block_kv=None, interpret=False, _target=None):
+                     num_splits=None, block_kv=None, interpret=False, gpu_kernel="triton",
+                     _target=None):
     """Attention of one new token per sequence over its cache (split-K flash-decoding).
 
     Forward only (decoding is not differentiated).
@@ -180,7 +209,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         num_splits: splits along the cache; default from `default_num_splits` (module doc).
         block_kv: cache rows per loop step (a power of two >= 16 on GPU); default by backend.
             If L is not a multiple, the caches are padded (a copy: pick a divisor of L).
-        interpret: run in the Pallas interpreter (required on CPU).
+        interpret: run in the Pallas interpreter (required on CPU). A Mosaic GPU
+            `InterpretGPUParams` interprets the Hopper kernel when gpu_kernel="mosaic" (see
+            tests/kernels/_mgpu_interpret.py).
+        gpu_kernel: "triton" (default until measured against it) or "mosaic", the Hopper
+            kernel of decode_attention_mgpu.py; "mosaic" falls back to Triton off sm_90 and
+            for what that kernel does not cover (float32, head dims other than 64 / 128,
+            more than 64 query heads per kv head, sm_scale <= 0).
         _target: 'gpu' or 'tpu' to build that backend's kernel from any host (lowering
             checks); not for normal use.
 
@@ -211,8 +246,20 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
     G = H // K
     if sm_scale is None:
         sm_scale = D ** -0.5
-    bk = block_kv or _DEFAULT_BLOCK_KV[target]
-    bk = min(bk, max(16, _next_power_of_2(L)))
+    if gpu_kernel not in ("triton", "mosaic"):
+        raise ValueError(f"gpu_kernel must be 'triton' or 'mosaic', got {gpu_kernel!r}")
+    gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
+    # On a real GPU only Hopper has wgmma; a lowering from CPU (_target) builds for it.
+    hopper = target == "gpu" and (_target is not None or mgpu.is_hopper(jax.devices()[0]))
+    mosaic = (gpu_kernel == "mosaic" and (hopper or gpu_interpreter is not None)
+              and sm_scale > 0 and dmgpu.unsupported_reason(q.dtype, D, G) is None)
+    if mosaic:
+        bk = block_kv or 64
+        if bk % 64:
+            raise ValueError(f"block_kv ({bk}) must be a multiple of 64 for the Hopper kernel")
+    else:
+        bk = block_kv or _DEFAULT_BLOCK_KV[target]
+        bk = min(bk, max(16, _next_power_of_2(L)))
     L_pad = -(-L // bk) * bk
     n_blocks = L_pad // bk
     if num_splits is None:
@@ -221,6 +268,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     blocks_per_split = -(-n_blocks // num_splits)
     N = -(-n_blocks // blocks_per_split)          # splits that own at least one block
+    if mosaic:
+        return _hopper_decode(q, k_cache, v_cache, lengths, kv_mask, sm_scale=sm_scale, bk=bk,
+                              blocks_per_split=blocks_per_split, num_splits=N,
+                              interpret=gpu_interpreter)
     Gp = max(G, _MIN_ROWS[target])
 
     q_BKGD = q.reshape(B, K, G, D)

@@ -253,16 +253,18 @@ def _smem_tiles(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
-def _launch(name, body, scratch, args, *, out_type, grid, grid_names, interpret):
-    """Run body(*in_refs, *out_refs, *scratch_refs) as a 3-warpgroup kernel named `name`
-    (the name shows in profiles and jaxprs); interpret: None or InterpretGPUParams."""
+def _launch(name, body, scratch, args, *, out_type, grid, grid_names, interpret,
+            compute_warpgroups=_COMPUTE_WARPGROUPS):
+    """Run body(*in_refs, *out_refs, *scratch_refs) as a kernel named `name` (the name
+    shows in profiles and jaxprs) of compute_warpgroups + 1 (the producer) warpgroups;
+    interpret: None or InterpretGPUParams."""
     def entry(*refs):
         pl.run_scoped(lambda *scoped: body(*refs, *scoped), *scratch, collective_axes="wg")
 
     entry.__name__ = name
     return plgpu.kernel(
         entry, out_type=out_type, grid=grid, grid_names=grid_names,
-        num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        num_threads=compute_warpgroups + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}))(*args)
 
