@@ -263,7 +263,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
     L_pad = -(-L // bk) * bk
     n_blocks = L_pad // bk
     if num_splits is None:
-        num_splits = default_num_splits(B, K, L, bk, _target_programs(target))
+        # The Hopper kernel's pipeline slots (~146 KiB at D = 128) leave room for one
+        # program per multiprocessor, and its slots in flight already cover the memory
+        # latency: aim for one program per multiprocessor rather than two.
+        programs = _target_programs(target) // (2 if mosaic and target == "gpu" else 1)
+        num_splits = default_num_splits(B, K, L, bk, programs)
     if not 1 <= num_splits:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     blocks_per_split = -(-n_blocks // num_splits)

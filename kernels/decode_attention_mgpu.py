@@ -174,7 +174,10 @@ def decode_partials(q_BKRD, k_cache, v_cache, lengths, mask_BL, *, group, sm_sca
         k_cache, v_cache: [B, L, K, D] same dtype, L a multiple of block_kv.
         lengths: int32 [B], clamped to [0, L]; mask_BL: int32 [B, L], 0 hides a position.
         group: G; sm_scale: score multiplier (> 0); block_kv: cache rows per step (a
-            multiple of 64); blocks_per_split / num_splits: split k owns blocks
+            multiple of 64; 64, the wrapper's default, keeps the [64, block_kv] float32
+            score, mask and probability tiles small enough for one warpgroup's registers
+            beside the [64, D] accumulator; larger blocks risk spills, unmeasured);
+            blocks_per_split / num_splits: split k owns blocks
             [k * blocks_per_split, (k + 1) * blocks_per_split).
         num_stages: shared-memory slots of the streamed blocks, capped at blocks_per_split
             and at what fits (`fitting_stages`). Decoding is bandwidth-bound: 2-3 slots of
