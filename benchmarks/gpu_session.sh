@@ -18,17 +18,19 @@ pkg="$(mktemp -d)"
 mkdir -p "$pkg/instructjax"
 cp -r src/instructjax/. "$pkg/instructjax/"
 ln -s "$PWD/kernels" "$pkg/instructjax/kernels"
-export PYTHONPATH="$pkg:$PWD"
+export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# The image's interpreter is python3 (its jax, PyTorch and pytest); PYTHON overrides it.
+py="${PYTHON:-python3}"
 out="${OUT:-/tmp/gpu_session}"
 mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+  "$py" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 } | tee "$out/gpu.txt"
 
-if python -c "import pytest" 2>/dev/null; then
-  timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/kernels -q -k "compiled or hopper" \
+if "$py" -c "import pytest" 2>/dev/null; then
+  timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest tests/kernels -q -k "compiled or hopper" \
     -p no:cacheprovider 2>&1 | tee "$out/tests.txt"
 else
   echo "pytest is not installed here: skipped the compiled tests (the benchmark still checks" \
@@ -36,5 +38,5 @@ else
 fi
 
 # Default sizes: the target (head dim 128, seq >= 2k, causal and not) in ~5 minutes.
-timeout "${BENCH_TIMEOUT:-330}" python benchmarks/attention.py --results "$out/RESULTS.md" \
+timeout "${BENCH_TIMEOUT:-330}" "$py" benchmarks/attention.py --results "$out/RESULTS.md" \
   ${BENCH_ARGS:---head_dims 128 --seqs 1024,2048,4096,8192 --iters 5} 2>&1 | tee "$out/bench.txt"
