@@ -33,9 +33,10 @@ Backends (picked from `jax.default_backend()` unless `interpret=True`):
   Pallas interpreter runs, so one formulation is tested on CPU and runs on GPU.
   `BlockSizes(gpu_forward="mosaic", gpu_backward="mosaic")` replaces the forward and/or the
   backward on Hopper with the warp-specialised Mosaic GPU kernels of
-  `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py` (wgmma, TMA, a producer warpgroup) where they apply (bf16/f16,
-  head dim a multiple of 64 up to 256 (backward: 128), no segment ids or key padding mask)
-  and keeps Triton elsewhere; both families save the same LSE, so they mix freely. Triton is
+  `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py` (wgmma, TMA, a producer
+  warpgroup) where they apply (bf16/f16, head dim a multiple of 64 up to 256 (backward: 128);
+  segment ids in the forward only; no non-causal key padding mask) and keeps Triton
+  elsewhere; both families save the same LSE, so they mix freely. Triton is
   the default until they are measured against each other on a Hopper GPU
   (benchmarks/attention.py runs both). The Mosaic kernels run on CPU in jax's Mosaic GPU
   interpreter (tests/kernels/_mgpu_interpret.py): pass its `InterpretGPUParams` as
@@ -257,8 +258,10 @@ def _call(cfg, kernel, name, *, grid, ins, outs, segment_inputs):
 def _fwd_call(cfg, q, k, v, q_seg, kv_seg):
     """Forward pallas_call on kernel-layout arrays -> (o like q, lse float32 [B, H, 1, T])."""
     if cfg.mosaic_forward:
+        segs = (q_seg[:, 0, :], kv_seg[:, 0, :]) if cfg.segments else (None, None)
         o, lse = mgpu.flash_forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
-                                    blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
+                                    blocks=cfg.mosaic, q_seg=segs[0], kv_seg=segs[1],
+                                    interpret=cfg.mosaic_interpret)
         return o, lse[:, :, None, :]
     B, T, H, D, S, K = _dims(cfg, q, k)
     bq, bk = cfg.block_q, cfg.block_kv

@@ -27,12 +27,21 @@ and interpreter kernels save, so forward and backward of either family mix; the 
 rescales it to base 2 once outside the kernels.
 
 Scope (the wrapper in flash_attention.py falls back to Triton outside it): bf16 or f16,
-head dim a multiple of 64 up to 256 (backward: up to 128, shared memory), no segment ids;
-the query length a multiple of MosaicBlocks.q_multiple and the key length of kv_multiple
-(the wrapper pads; under causal masking padded keys follow every real query, so they need
-no mask). Causal programs visit only the blocks on their side of the diagonal and mask
-elementwise only on the blocks that cross it. Every causal row sees at least key 0 in the first block it visits, so the running
-max is finite from the first step on and no row can produce 0/0.
+head dim a multiple of 64 up to 256 (backward: up to 128, shared memory), segment ids in
+the forward only; the query length a multiple of MosaicBlocks.q_multiple and the key
+length of kv_multiple (the wrapper pads; under causal masking padded keys follow every real
+query, so they need no mask). Causal programs visit only the blocks on their side of the
+diagonal and mask elementwise only on the blocks that cross it. Every causal row sees at
+least key 0 in the first block it visits, so the running max is finite from the first step
+on and no row can produce 0/0.
+
+Segment ids (packed documents) in the forward: block_sparsity's tables give each 64-row
+block its [lo, hi) of kv blocks to visit; a program streams the union of its two rows'
+ranges, and each compute warpgroup recomputes every block's kind (SKIP / FULL / MASKED)
+from the tables, passes over SKIP blocks and blocks outside its own range (keeping the
+ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the streamed kv ids.
+A row may then see nothing (padding): scores are masked with a finite value, weights
+selected to 0, and such rows give 0 and an LSE of -inf, as the Triton kernels do.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
 D head dim; bq / bk query / kv block sizes.
@@ -49,10 +58,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from instructjax.kernels import block_sparsity as bsp
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _COMPUTE_WARPGROUPS = 2
+# Finite score fill where a row may see nothing (segments): see the Triton formulation.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # setmaxnreg: a 3-warpgroup CTA launches with 168 registers per thread (64,512 in all); the
 # producer gives back down to 40, and 2 * 232 + 40 = 504 is the most the compute warpgroups
 # can then take (an increase beyond the freed pool blocks forever).
@@ -126,8 +139,8 @@ def unsupported_reason(dtype, head_dim: int, *, segments: bool,
         # Two 64-row Q/dO (or K/V) tiles plus two stages of the streamed pair: 256 KiB at
         # D = 256, over the 227 KiB of shared memory.
         return f"head dim {head_dim} in the backward (needs at most 128)"
-    if segments:
-        return "segment ids / key padding masks"
+    if segments and backward:
+        return "segment ids / key padding masks in the backward"
     return None
 
 
@@ -269,19 +282,26 @@ def _launch(name, body, scratch, args, *, out_type, grid, grid_names, interpret,
         **({} if interpret is None else {"interpret": interpret}))(*args)
 
 
-def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, pingpong, *,
-                  causal, c, bq, bk, num_stages, group, kv_len):
+def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len, q_tiles):
     """Kernel body of one program; `wg` (0, 1: compute, 2: producer) picks the role.
 
     Refs: q / o [B, T, H, D], k / v [B, S, K, D] in HBM, lse float32 [B, H, T] in HBM;
     smem = (qo [2, bq, D], k [stages, bk, D], v [stages, bk, D], lse [2, bq]);
     loaded = (k [stages], v [stages], q [2]) TMA barriers; consumed = (k, v) [stages] barriers
     with one arrival per compute warpgroup; pingpong: one two-arrival barrier.
+    With segments, after v: row_tab int32 [B, T // bq, 5] and col_tab int32 [B, S // bk, 3]
+    (block_sparsity.block_tables), q_seg int32 [B, T], kv_seg int32 [B, S]; and seg_smem =
+    (q ids [2, bq], kv ids [stages, bk]), seg_loaded = (q ids [2], kv ids [stages]),
+    seg_consumed = kv ids [stages].
     """
+    if segments:
+        (q_ref, k_ref, v_ref, row_tab, col_tab, qseg_ref, kvseg_ref, o_ref, lse_ref, smem,
+         loaded, consumed, pingpong, seg_smem, seg_loaded, seg_consumed) = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, pingpong = refs
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
-    # Causal attention has T == S, so the kv length also counts the query tiles.
-    tile = _query_tile(causal, kv_len // (_COMPUTE_WARPGROUPS * bq))
+    tile = _query_tile(causal, q_tiles)
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem = smem
     k_loaded, v_loaded, q_loaded = loaded
@@ -289,13 +309,29 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
     D = qo_smem.shape[-1]
     dtype = qo_smem.dtype
 
-    if causal:
+    first_block = 0
+    if segments:
+        # The program visits the union of its two row blocks' [lo, hi) ranges; each compute
+        # warpgroup passes over the blocks outside its own range or of kind SKIP.
+        rb0 = tile * _COMPUTE_WARPGROUPS
+        lo0, hi0, lo1, hi1 = (row_tab[b, rb0, 3], row_tab[b, rb0, 4], row_tab[b, rb0 + 1, 3],
+                              row_tab[b, rb0 + 1, 4])
+        empty0, empty1 = hi0 <= lo0, hi1 <= lo1
+        first_block = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+        last_block = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+        program_steps = jnp.maximum(last_block - first_block, 0)
+    elif causal:
         program_steps = _kv_steps_before((tile + 1) * (_COMPUTE_WARPGROUPS * bq), bk)
     else:
         program_steps = kv_len // bk
-    kv_rows = lambda j: (b, pl.ds(j * bk, bk), lax.div(h, jnp.int32(group)))
+    kv_rows = lambda j: (b, pl.ds((first_block + j) * bk, bk), lax.div(h, jnp.int32(group)))
     streams = [(lambda j: k_ref.at[kv_rows(j)], k_smem, k_loaded, k_consumed),
                (lambda j: v_ref.at[kv_rows(j)], v_smem, v_loaded, v_consumed)]
+    if segments:
+        qseg_smem, kvseg_smem = seg_smem
+        qseg_loaded, kvseg_loaded = seg_loaded
+        streams.append((lambda j: kvseg_ref.at[b, pl.ds((first_block + j) * bk, bk)],
+                        kvseg_smem, kvseg_loaded, seg_consumed))
 
     def pingpong_sync():
         plgpu.barrier_arrive(pingpong)
@@ -312,13 +348,26 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
         plgpu.barrier_wait(q_loaded.at[wg])
 
         rows = plgpu.Layout.WGMMA.reduce(1)
-        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), rows)
+        # Segments: a row may see nothing (padding, id 0), so scores are masked with a
+        # finite value and the weights selected to 0 (no -inf - -inf).
+        m0 = _MASK_VALUE if segments else -jnp.inf
+        m = plgpu.layout_cast(jnp.full((bq,), m0, jnp.float32), rows)
         l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), rows)
         acc = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-        @pl.when(steps > 0)
-        def _():
-            plgpu.barrier_wait(k_loaded.at[0])
+        if segments:
+            plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(row0, bq)], qseg_smem.at[wg],
+                                    qseg_loaded.at[wg])
+            plgpu.barrier_wait(qseg_loaded.at[wg])
+            q_ids = plgpu.load(qseg_smem.at[wg], (), layout=rows)
+            row_block = tile * _COMPUTE_WARPGROUPS + wg
+            row_bounds = tuple(row_tab[b, row_block, i] for i in range(3))
+            own_lo, own_hi = row_tab[b, row_block, 3], row_tab[b, row_block, 4]
+        else:
+            # Without segments the next K is awaited early, while the P V matmul runs; with
+            # them a block may be passed over, whose step waits for its own loads.
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(k_loaded.at[0])
 
         # Warpgroup 1 starts half a step behind warpgroup 0: the ping-pong offset.
         pl.when(wg == 1)(pingpong_sync)
@@ -326,6 +375,9 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
         def step(j, carry, *, masked):
             acc, m, l = carry
             slot = lax.rem(j, jnp.int32(num_stages))
+            col0 = (first_block + j) * bk
+            if segments:
+                plgpu.barrier_wait(k_loaded.at[slot])
 
             def scores(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -334,12 +386,30 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
 
             s = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
-            if masked:
-                s = jnp.where(_causal_visible(s.shape, row0, j * bk, query_axis=0), s, -jnp.inf)
+            visible = None
+            if segments:
+                plgpu.barrier_wait(kvseg_loaded.at[slot])
+                if masked:
+                    kv_ids = plgpu.load(kvseg_smem.at[slot], (),
+                                        layout=plgpu.Layout.WGMMA.reduce(0))
+                    q_b = lax.broadcast_in_dim(q_ids, s.shape, [0])
+                    visible = (q_b == lax.broadcast_in_dim(kv_ids, s.shape, [1])) & (q_b != 0)
+                    if causal:
+                        visible = visible & _causal_visible(s.shape, row0, col0, query_axis=0)
+                plgpu.barrier_arrive(seg_consumed.at[slot])
+            elif masked:
+                s = jnp.where(_causal_visible(s.shape, row0, col0, query_axis=0), s, -jnp.inf)
 
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            if visible is not None:
+                t = jnp.where(visible, s * c, _MASK_VALUE)
+                m_new = jnp.maximum(m, t.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.where(visible,
+                              jnp.exp2(t - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+            else:
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p_in = p.astype(dtype)
@@ -355,10 +425,11 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
                 plgpu.wgmma(acc_ref, p_in, v_smem.at[slot])
                 nxt = j + 1
 
-                # Wait for the next K while this matmul runs.
-                @pl.when(nxt < steps)
-                def _():
-                    plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(num_stages))])
+                if not segments:
+                    # Wait for the next K while this matmul runs.
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(num_stages))])
 
                 return acc_ref[...]
 
@@ -374,14 +445,33 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
             pingpong_sync()
             _pass_over(j, num_stages, streams)
 
-        acc, m, l = _visit_kv_blocks(step, (acc, m, l), causal=causal, row0=row0, bk=bk,
-                                     steps=steps, program_steps=program_steps,
-                                     pass_over=pass_over)
+        if segments:
+            def visit(j, carry):
+                block = first_block + j
+                bounds = tuple(col_tab[b, block, i] for i in range(3))
+                kind = bsp.block_kind(row0, row0 + bq - 1, block * bk, block * bk + bk - 1,
+                                      row_bounds, bounds, causal=causal)
+                kind = jnp.where((block >= own_lo) & (block < own_hi), kind, bsp.SKIP)
+                return lax.switch(kind, [lambda c: (pass_over(j), c)[1],
+                                         functools.partial(step, j, masked=False),
+                                         functools.partial(step, j, masked=True)], carry)
+
+            acc, m, l = lax.fori_loop(0, program_steps, visit, (acc, m, l))
+        else:
+            acc, m, l = _visit_kv_blocks(step, (acc, m, l), causal=causal, row0=row0, bk=bk,
+                                         steps=steps, program_steps=program_steps,
+                                         pass_over=pass_over)
         pl.when(wg == 0)(pingpong_sync)
 
+        if segments:
+            seen = l > 0.0
+            l = jnp.where(seen, l, 1.0)
+            lse = jnp.where(seen, (m + jnp.log2(l)) * _LN2, -jnp.inf)
+        else:
+            lse = (m + jnp.log2(l)) * _LN2
         acc = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])
         q_smem[...] = acc.astype(dtype)              # queries are no longer needed
-        lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
+        lse_smem.at[wg][...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(row0, bq), h])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
@@ -393,7 +483,8 @@ def _forward_body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, p
         _stream(program_steps, num_stages, streams)
 
 
-def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=None):
+def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, q_seg=None,
+                  kv_seg=None, interpret=None):
     """Hopper flash-attention forward on padded arrays.
 
     Args:
@@ -403,6 +494,9 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
         causal: mask keys after the query position.
         sm_scale: score multiplier.
         blocks: MosaicBlocks.
+        q_seg, kv_seg: optional int [B, T] / [B, S] segment ids (packed documents; 0 is
+            padding): a query sees only keys of its own non-zero id. Blocks are skipped or
+            masked from block_sparsity's tables; rows that see nothing give 0 and LSE -inf.
         interpret: None to compile for the GPU, or a Mosaic GPU interpreter parameter object
             (tests on CPU).
 
@@ -411,7 +505,10 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
-    reason = unsupported_reason(q.dtype, D, segments=False)
+    segments = q_seg is not None
+    if segments != (kv_seg is not None):
+        raise ValueError("pass both q_seg and kv_seg, or neither")
+    reason = unsupported_reason(q.dtype, D, segments=segments)
     if reason is not None:
         raise ValueError(f"the Hopper flash-attention kernel does not support {reason}")
     bq, bk, stages = blocks.block_q, blocks.block_kv, blocks.num_stages
@@ -422,8 +519,9 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
     # A causal program may need fewer kv blocks than there are slots; never more than S has.
     stages = min(stages, S // bk)
 
-    body = functools.partial(_forward_body, causal=causal, c=float(sm_scale) * _LOG2E, bq=bq,
-                             bk=bk, num_stages=stages, group=H // K, kv_len=S)
+    body = functools.partial(_forward_body, causal=causal, segments=segments,
+                             c=float(sm_scale) * _LOG2E, bq=bq, bk=bk, num_stages=stages,
+                             group=H // K, kv_len=S, q_tiles=T // blocks.rows_per_program)
     two = _COMPUTE_WARPGROUPS
     scratch = (
         (_smem_tiles((two, bq, D), q.dtype), _smem_tiles((stages, bk, D), q.dtype),
@@ -433,7 +531,16 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, interpret=
         (plgpu.Barrier(num_arrivals=two, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=two),
     )
-    return _launch("flash_attention_fwd_hopper", body, scratch, (q, k, v),
+    args = (q, k, v)
+    if segments:
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        row_tab, col_tab = bsp.block_tables(q_seg, kv_seg, bq, bk, causal=causal,
+                                            rows_are_queries=True)
+        args += (row_tab, col_tab, q_seg, kv_seg)
+        scratch += ((plgpu.SMEM((two, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)),
+                    (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=stages)),
+                    plgpu.Barrier(num_arrivals=two, num_barriers=stages))
+    return _launch("flash_attention_fwd_hopper", body, scratch, args,
                    out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                              jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
                    grid=(H, T // blocks.rows_per_program, B),

@@ -86,6 +86,48 @@ def test_forward_matches_reference(causal, T, H, K, D, block_kv, stages, dtype):
     np.testing.assert_allclose(lse, reference_lse(q, k, causal, sm_scale), atol=LSE_TOL)
 
 
+def reference_lse_segments(q, k, seg, causal, sm_scale):
+    """float32 [B, H, T] log-sum-exp over the keys of each query's own (non-zero) segment;
+    -inf for rows that see nothing."""
+    G = q.shape[2] // k.shape[2]
+    kf = jnp.repeat(k.astype(jnp.float32), G, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kf) * sm_scale
+    visible = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    if causal:
+        visible = visible & jnp.tril(jnp.ones(visible.shape[1:], bool))
+    return jax.nn.logsumexp(jnp.where(visible[:, None], s, -jnp.inf), axis=-1)
+
+
+# Packed rows: documents that cross program and block boundaries, a tail of padding (rows
+# that see nothing: output 0, LSE -inf), one document over the whole row, and unsorted ids
+# (a block range that overlaps without sharing an id: SKIP found inside [lo, hi)).
+SEGMENT_ROWS = [[1] * 50 + [2] * 100 + [3] * 60 + [0] * 46,
+                [7] * 256,
+                [5] * 64 + [2] * 64 + [5] * 64 + [0] * 64]
+
+
+@pytest.mark.parametrize("causal,block_kv,K", [(True, 64, 1), (False, 128, 2)])
+def test_forward_with_segments_matches_reference(causal, block_kv, K):
+    H, D, T, dtype = 2, 64, 256, jnp.bfloat16
+    q, k, v = qkv(block_kv + K, len(SEGMENT_ROWS), T, H, K, D, dtype)
+    seg = jnp.asarray(SEGMENT_ROWS, jnp.int32)
+    sm_scale = 0.7 / D ** 0.5
+    blocks = mgpu.MosaicBlocks(block_q=64, block_kv=block_kv, num_stages=2)
+    with extended_gpu_interpreter() as interpret:
+        o, lse = mgpu.flash_forward(q, k, v, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                                    q_seg=seg, kv_seg=seg, interpret=interpret)
+        jax.block_until_ready(o)
+    assert not races_found()
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = reference.attention(f32(q), f32(k), f32(v), segment_ids=seg, causal=causal,
+                              sm_scale=sm_scale)
+    o = np.asarray(o, np.float32)
+    assert np.isfinite(o).all() and not o[np.asarray(seg) == 0].any()
+    assert rel_err(o, ref) < HALF_TOL
+    np.testing.assert_allclose(lse, reference_lse_segments(q, k, seg, causal, sm_scale),
+                               atol=LSE_TOL)
+
+
 # (causal, T, H, K, D, bwd_block_q, bwd_block_kv): one tile and several; GQA 1, 2 and 4;
 # head dims 64 and 128; causal dK/dV tiles whose second warpgroup skips whole blocks and dQ
 # tiles whose first warpgroup stops early; query and key blocks of different sizes.
@@ -154,16 +196,45 @@ def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backwa
         assert rel_err(g, ref_g) < HALF_TOL, name
 
 
+def test_wrapper_with_segments_runs_the_mosaic_forward_and_triton_backward():
+    """Packed documents through flash_attention asking for Mosaic both ways: the forward
+    is Mosaic, the backward falls back to Triton (reading the Mosaic LSE), odd length."""
+    B, T, H, K, D = 2, 200, 2, 1, 64
+    q, k, v = qkv(5, B, T, H, K, D, jnp.bfloat16)
+    seg = jnp.asarray([[1] * 70 + [2] * 100 + [0] * 30, [3] * 150 + [4] * 50], jnp.int32)
+    do = normal(jax.random.key(6), (B, T, H, D), jnp.bfloat16)
+    blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
+                           gpu_forward="mosaic", gpu_backward="mosaic",
+                           mosaic=mgpu.MosaicBlocks(block_kv=64))
+    with extended_gpu_interpreter() as interpret:
+        attn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=True,
+                                                  block_sizes=blocks, interpret=interpret)
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attn, q, k, v)[1](q))(q, k, v))
+        assert "flash_attention_fwd_hopper" in jaxpr and "dkv_hopper" not in jaxpr
+        o, vjp = jax.vjp(attn, q, k, v)
+        grads = jax.block_until_ready(vjp(do))
+    assert not races_found()
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, segment_ids=seg),
+                             f32(q), f32(k), f32(v))
+    assert rel_err(o, ref_o) < HALF_TOL and not np.asarray(o, np.float32)[0, 170:].any()
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert rel_err(g, ref_g) < HALF_TOL, name
+
+
 @pytest.mark.parametrize("dtype,D,segments,reason", [
     (jnp.float32, 64, False, "dtype float32"),
     (jnp.bfloat16, 80, False, "head dim 80"),
     (jnp.bfloat16, 320, False, "head dim 320"),
-    (jnp.bfloat16, 128, True, "segment ids"),
+    (jnp.bfloat16, 128, True, None),
     (jnp.float16, 256, False, None),
 ])
 def test_unsupported_reason(dtype, D, segments, reason):
     assert "backward" in mgpu.unsupported_reason(jnp.bfloat16, 256, segments=False,
                                                  backward=True)
+    assert "segment ids" in mgpu.unsupported_reason(jnp.bfloat16, 128, segments=True,
+                                                    backward=True)
     got = mgpu.unsupported_reason(dtype, D, segments=segments)
     assert (got is None) if reason is None else (reason in got)
 
@@ -234,15 +305,15 @@ def test_lowers_mixed(gpu_forward, gpu_backward, calls):
                          gpu_forward=gpu_forward, gpu_backward=gpu_backward) == calls
 
 
-@pytest.mark.parametrize("dtype,segments,T,S,causal,sm_scale", [
-    (jnp.float32, False, 256, 256, True, None),      # dtype
-    (jnp.bfloat16, True, 256, 256, True, None),      # segment ids
-    (jnp.bfloat16, False, 256, 300, False, None),    # padded keys need a mask
-    (jnp.bfloat16, False, 256, 256, True, -0.125),   # a negative scale
+@pytest.mark.parametrize("dtype,segments,T,S,causal,sm_scale,calls", [
+    (jnp.float32, False, 256, 256, True, None, (0, 3)),      # dtype
+    (jnp.bfloat16, True, 256, 256, True, None, (1, 2)),      # segment ids: backward only
+    (jnp.bfloat16, False, 256, 300, False, None, (0, 3)),    # padded keys need a mask
+    (jnp.bfloat16, False, 256, 256, True, -0.125, (0, 3)),   # a negative scale
 ])
-def test_falls_back_to_triton(dtype, segments, T, S, causal, sm_scale):
+def test_falls_back_to_triton(dtype, segments, T, S, causal, sm_scale, calls):
     assert lowered_calls(1, T, 4, 2, 64, dtype, causal=causal, segments=segments,
-                         S=S, sm_scale=sm_scale) == (0, 3)
+                         S=S, sm_scale=sm_scale) == calls
 
 
 # --------------------------------------------------------------------------------------
