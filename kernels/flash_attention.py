@@ -35,8 +35,8 @@ Backends (picked from `jax.default_backend()` unless `interpret=True`):
   backward on Hopper with the warp-specialised Mosaic GPU kernels of
   `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py` (wgmma, TMA, a producer
   warpgroup) where they apply (bf16/f16, head dim a multiple of 64 up to 256 (backward: 128);
-  segment ids in the forward only; no non-causal key padding mask) and keeps Triton
-  elsewhere; both families save the same LSE, so they mix freely. Triton is
+  segment ids and the key padding mask through the same block tables as here) and keeps
+  Triton elsewhere; both families save the same LSE, so they mix freely. Triton is
   the default until they are measured against each other on a Hopper GPU
   (benchmarks/attention.py runs both). The Mosaic kernels run on CPU in jax's Mosaic GPU
   interpreter (tests/kernels/_mgpu_interpret.py): pass its `InterpretGPUParams` as
@@ -340,9 +340,11 @@ def _flash_bwd(cfg, res, cotangents):
     delta = delta[:, :, None, :] - dlse
     do = do.astype(q.dtype)
     if cfg.mosaic_backward:
+        segs = (q_seg[:, 0, :], kv_seg[:, 0, :]) if cfg.segments else (None, None)
         dq, dk, dv = mgpu_bwd.flash_backward(q, k, v, do, lse[:, :, 0], delta[:, :, 0],
-                                         causal=cfg.causal, sm_scale=cfg.sm_scale,
-                                         blocks=cfg.mosaic, interpret=cfg.mosaic_interpret)
+                                             causal=cfg.causal, sm_scale=cfg.sm_scale,
+                                             blocks=cfg.mosaic, q_seg=segs[0],
+                                             kv_seg=segs[1], interpret=cfg.mosaic_interpret)
         return dq, dk, dv, None, None
     dq = _dq_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg)
     dk, dv = _dkdv_call(cfg, q, k, v, do, lse, delta, q_seg, kv_seg)
@@ -430,7 +432,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
                      or mgpu.is_hopper(jax.devices()[0]))
     mosaic, use_forward, use_backward = mgpu.kernels_to_use(
         block_sizes.gpu_forward, block_sizes.gpu_backward, block_sizes.mosaic, dtype=q.dtype,
-        head_dim=D, segments=segment_ids is not None, sm_scale=scale,
+        head_dim=D, sm_scale=scale,
         available=(target == "gpu" and gpu_is_hopper) or gpu_interpreter is not None)
 
     def padded_lengths(mosaic):
@@ -444,10 +446,6 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
         return _round_up(T, math.lcm(*q_blocks)), _round_up(S, math.lcm(*kv_blocks))
 
     T_pad, S_pad = padded_lengths(mosaic)
-    if mosaic is not None and S_pad != S and not causal:
-        # Padded keys would need the key mask the Hopper kernel does not have.
-        mosaic = None
-        T_pad, S_pad = padded_lengths(None)
 
     if segment_ids is not None:
         q_ids = kv_ids = segment_ids.astype(jnp.int32)

@@ -27,21 +27,24 @@ and interpreter kernels save, so forward and backward of either family mix; the 
 rescales it to base 2 once outside the kernels.
 
 Scope (the wrapper in flash_attention.py falls back to Triton outside it): bf16 or f16,
-head dim a multiple of 64 up to 256 (backward: up to 128, shared memory), segment ids in
-the forward only; the query length a multiple of MosaicBlocks.q_multiple and the key
-length of kv_multiple (the wrapper pads; under causal masking padded keys follow every real
-query, so they need no mask). Causal programs visit only the blocks on their side of the
+head dim a multiple of 64 up to 256 (backward: up to 128, shared memory); the query length
+a multiple of MosaicBlocks.q_multiple and the key length of kv_multiple (the wrapper pads;
+under causal masking padded keys follow every real query, so they need no mask; otherwise
+they get segment id 0). Causal programs visit only the blocks on their side of the
 diagonal and mask elementwise only on the blocks that cross it. Every causal row sees at
 least key 0 in the first block it visits, so the running max is finite from the first step
 on and no row can produce 0/0.
 
-Segment ids (packed documents) in the forward: block_sparsity's tables give each 64-row
-block its [lo, hi) of kv blocks to visit; a program streams the union of its two rows'
-ranges, and each compute warpgroup recomputes every block's kind (SKIP / FULL / MASKED)
-from the tables, passes over SKIP blocks and blocks outside its own range (keeping the
-ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the streamed kv ids.
-A row may then see nothing (padding): scores are masked with a finite value, weights
-selected to 0, and such rows give 0 and an LSE of -inf, as the Triton kernels do.
+Segment ids (packed documents, and the wrapper's mask of padded keys): block_sparsity's
+tables give each row block (64 query rows; in dK/dV, key rows) its [lo, hi) of column
+blocks to visit; a program streams the union of its two rows' ranges, with the column
+blocks' ids as one more TMA stream, and each compute warpgroup recomputes every block's
+kind (SKIP / FULL / MASKED) from the tables, passes over SKIP blocks and blocks outside its
+own range (keeping the forward's ping-pong count), runs FULL blocks unmasked and masks
+MASKED ones with the ids. A query row may then see nothing (padding): the forward masks
+scores with a finite value and selects the weights to 0, so such rows give 0 and an LSE of
+-inf, as the Triton kernels do; the backward's selects turn their exp2(s - (-inf)) = inf
+into 0, so their gradients are 0.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
 D head dim; bq / bk query / kv block sizes.
@@ -127,8 +130,7 @@ class MosaicBlocks:
         return math.lcm(self.block_kv, _COMPUTE_WARPGROUPS * self.bwd_block_kv)
 
 
-def unsupported_reason(dtype, head_dim: int, *, segments: bool,
-                       backward: bool = False) -> str | None:
+def unsupported_reason(dtype, head_dim: int, *, backward: bool = False) -> str | None:
     """Why the Hopper forward (or with backward=True, the backward) cannot run a call
     (None when it can)."""
     if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
@@ -139,8 +141,6 @@ def unsupported_reason(dtype, head_dim: int, *, segments: bool,
         # Two 64-row Q/dO (or K/V) tiles plus two stages of the streamed pair: 256 KiB at
         # D = 256, over the 227 KiB of shared memory.
         return f"head dim {head_dim} in the backward (needs at most 128)"
-    if segments and backward:
-        return "segment ids / key padding masks in the backward"
     return None
 
 
@@ -158,8 +158,7 @@ def is_hopper(device) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
-def kernels_to_use(gpu_forward, gpu_backward, blocks, *, dtype, head_dim, segments, sm_scale,
-                   available):
+def kernels_to_use(gpu_forward, gpu_backward, blocks, *, dtype, head_dim, sm_scale, available):
     """Which directions the Hopper kernels run, and their tiles.
 
     gpu_forward / gpu_backward: "triton" or "mosaic" (BlockSizes' choice); blocks:
@@ -169,8 +168,7 @@ def kernels_to_use(gpu_forward, gpu_backward, blocks, *, dtype, head_dim, segmen
     """
     def usable(asked, backward):
         return (asked == "mosaic" and available and sm_scale > 0
-                and unsupported_reason(dtype, head_dim, segments=segments,
-                                       backward=backward) is None)
+                and unsupported_reason(dtype, head_dim, backward=backward) is None)
 
     forward, backward = usable(gpu_forward, False), usable(gpu_backward, True)
     if not (forward or backward):
@@ -259,6 +257,52 @@ def _visit_kv_blocks(step, carry, *, causal, row0, bk, steps, program_steps, pas
     return carry
 
 
+def _program_range(row_tab, b, first_row):
+    """Segment mode: the column blocks [first, first + steps) a program of the compute
+    warpgroups' row blocks first_row, first_row + 1 streams (the union of their [lo, hi)
+    ranges in block_sparsity's row table)."""
+    lo0, hi0 = row_tab[b, first_row, 3], row_tab[b, first_row, 4]
+    lo1, hi1 = row_tab[b, first_row + 1, 3], row_tab[b, first_row + 1, 4]
+    empty0, empty1 = hi0 <= lo0, hi1 <= lo1
+    first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+    last = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    return first, jnp.maximum(last - first, 0)
+
+
+def _segment_block_kind(row_tab, col_tab, b, row, col, *, row_block, col_block, causal,
+                        rows_are_queries):
+    """Segment mode: SKIP, FULL or MASKED for row block `row` against column block `col`,
+    SKIP outside the row's [lo, hi) (where the program streams blocks for the other
+    warpgroup)."""
+    r_first, c_first = row * row_block, col * col_block
+    r_seg = tuple(row_tab[b, row, i] for i in range(3))
+    c_seg = tuple(col_tab[b, col, i] for i in range(3))
+    if rows_are_queries:
+        kind = bsp.block_kind(r_first, r_first + row_block - 1, c_first,
+                              c_first + col_block - 1, r_seg, c_seg, causal=causal)
+    else:
+        kind = bsp.block_kind(c_first, c_first + col_block - 1, r_first,
+                              r_first + row_block - 1, c_seg, r_seg, causal=causal)
+    inside = (col >= row_tab[b, row, 3]) & (col < row_tab[b, row, 4])
+    return jnp.where(inside, kind, bsp.SKIP)
+
+
+def _switch_on_kind(kind, pass_over, step, carry):
+    """carry after pass_over() (SKIP), step(carry, masked=False) (FULL) or masked=True."""
+    return lax.switch(kind, [lambda c: (pass_over(), c)[1],
+                             functools.partial(step, masked=False),
+                             functools.partial(step, masked=True)], carry)
+
+
+def _segment_visible(shape, row_ids, col_ids, *, query_axis):
+    """bool [shape] in the wgmma layout: same non-zero segment; row_ids [rows] in the
+    WGMMA.reduce(1) layout, col_ids [cols] in WGMMA.reduce(0); query_axis says which axis
+    indexes queries (padding is a query id of 0)."""
+    r = lax.broadcast_in_dim(row_ids, shape, [0])
+    c = lax.broadcast_in_dim(col_ids, shape, [1])
+    return (r == c) & ((r if query_axis == 0 else c) != 0)
+
+
 def _smem_tiles(shape, dtype):
     """Shared memory for a wgmma operand: (8, 64) tiles with a 128-byte swizzle, the layout
     wgmma reads 2-byte operands from."""
@@ -313,13 +357,7 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
     if segments:
         # The program visits the union of its two row blocks' [lo, hi) ranges; each compute
         # warpgroup passes over the blocks outside its own range or of kind SKIP.
-        rb0 = tile * _COMPUTE_WARPGROUPS
-        lo0, hi0, lo1, hi1 = (row_tab[b, rb0, 3], row_tab[b, rb0, 4], row_tab[b, rb0 + 1, 3],
-                              row_tab[b, rb0 + 1, 4])
-        empty0, empty1 = hi0 <= lo0, hi1 <= lo1
-        first_block = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
-        last_block = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
-        program_steps = jnp.maximum(last_block - first_block, 0)
+        first_block, program_steps = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
     elif causal:
         program_steps = _kv_steps_before((tile + 1) * (_COMPUTE_WARPGROUPS * bq), bk)
     else:
@@ -360,8 +398,6 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
             plgpu.barrier_wait(qseg_loaded.at[wg])
             q_ids = plgpu.load(qseg_smem.at[wg], (), layout=rows)
             row_block = tile * _COMPUTE_WARPGROUPS + wg
-            row_bounds = tuple(row_tab[b, row_block, i] for i in range(3))
-            own_lo, own_hi = row_tab[b, row_block, 3], row_tab[b, row_block, 4]
         else:
             # Without segments the next K is awaited early, while the P V matmul runs; with
             # them a block may be passed over, whose step waits for its own loads.
@@ -392,8 +428,7 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
                 if masked:
                     kv_ids = plgpu.load(kvseg_smem.at[slot], (),
                                         layout=plgpu.Layout.WGMMA.reduce(0))
-                    q_b = lax.broadcast_in_dim(q_ids, s.shape, [0])
-                    visible = (q_b == lax.broadcast_in_dim(kv_ids, s.shape, [1])) & (q_b != 0)
+                    visible = _segment_visible(s.shape, q_ids, kv_ids, query_axis=0)
                     if causal:
                         visible = visible & _causal_visible(s.shape, row0, col0, query_axis=0)
                 plgpu.barrier_arrive(seg_consumed.at[slot])
@@ -447,14 +482,11 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
 
         if segments:
             def visit(j, carry):
-                block = first_block + j
-                bounds = tuple(col_tab[b, block, i] for i in range(3))
-                kind = bsp.block_kind(row0, row0 + bq - 1, block * bk, block * bk + bk - 1,
-                                      row_bounds, bounds, causal=causal)
-                kind = jnp.where((block >= own_lo) & (block < own_hi), kind, bsp.SKIP)
-                return lax.switch(kind, [lambda c: (pass_over(j), c)[1],
-                                         functools.partial(step, j, masked=False),
-                                         functools.partial(step, j, masked=True)], carry)
+                kind = _segment_block_kind(row_tab, col_tab, b, row_block, first_block + j,
+                                           row_block=bq, col_block=bk, causal=causal,
+                                           rows_are_queries=True)
+                return _switch_on_kind(kind, lambda: pass_over(j),
+                                       functools.partial(step, j), carry)
 
             acc, m, l = lax.fori_loop(0, program_steps, visit, (acc, m, l))
         else:
@@ -508,7 +540,7 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, q_seg=None
     segments = q_seg is not None
     if segments != (kv_seg is not None):
         raise ValueError("pass both q_seg and kv_seg, or neither")
-    reason = unsupported_reason(q.dtype, D, segments=segments)
+    reason = unsupported_reason(q.dtype, D)
     if reason is not None:
         raise ValueError(f"the Hopper flash-attention kernel does not support {reason}")
     bq, bk, stages = blocks.block_q, blocks.block_kv, blocks.num_stages

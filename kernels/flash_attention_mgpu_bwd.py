@@ -27,10 +27,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # The pipeline building blocks are shared with the forward (same package, one pipeline).
+from instructjax.kernels import block_sparsity as bsp
 from instructjax.kernels.flash_attention_mgpu import (
     _COMPUTE_REGISTERS, _COMPUTE_WARPGROUPS, _LOG2E, _PRODUCER_REGISTERS, MosaicBlocks,
     _causal_visible, _check_scale_and_causality, _kv_steps_before, _launch, _pass_over,
-    _query_tile, _slot, _smem_tiles, _stream, _visit_kv_blocks, unsupported_reason)
+    _program_range, _query_tile, _segment_block_kind, _segment_visible, _slot, _smem_tiles,
+    _stream, _switch_on_kind, _visit_kv_blocks, unsupported_reason)
 
 
 def _issue_scores(a_smem, b_smem, shape):
@@ -50,8 +52,8 @@ def _accumulate(acc, a, b_smem):
     return pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_loaded,
-             loaded, consumed, *, causal, c, sm_scale, bq, bk, num_stages, group, kv_len):
+def _dq_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, kv_len,
+             q_tiles):
     """dQ program: 2 * bq query rows of one (batch, query head); streams K and V blocks.
 
     Per kv block: S = Q K^T and dP = dO V^T (two wgmmas in flight), P = exp2(c S - lse2),
@@ -59,21 +61,37 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
     Refs: q / do / dq [B, T, H, D], k / v [B, S, K, D], lse (log2 units) / delta float32
     [B, H, T]. smem = (q, do [2, bq, D], lse, delta [2, bq], k, v [stages, bk, D]);
     row_loaded: four [2] barriers (q, do, lse, delta); loaded / consumed: (k, v) [stages].
+    With segments (as in the forward): the tables and ids after delta, and (q ids [2, bq],
+    kv ids [stages, bk]) with their loaded ([2], [stages]) and consumed ([stages]) barriers.
     """
+    if segments:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_tab, col_tab, qseg_ref,
+         kvseg_ref, dq_ref, smem, row_loaded, loaded, consumed, seg_smem, seg_loaded,
+         seg_consumed) = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_loaded, loaded,
+         consumed) = refs
     b, h = lax.axis_index("batch"), lax.axis_index("heads")
-    tile = _query_tile(causal, kv_len // (_COMPUTE_WARPGROUPS * bq))    # causal: T == S
+    tile = _query_tile(causal, q_tiles)
     wg = lax.axis_index("wg")
     q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
     (k_loaded, v_loaded), (k_consumed, v_consumed) = loaded, consumed
     D, dtype = q_smem.shape[-1], q_smem.dtype
     rows_per_program = _COMPUTE_WARPGROUPS * bq
-    if causal:
+    first_block = 0
+    if segments:
+        first_block, program_steps = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
+    elif causal:
         program_steps = _kv_steps_before((tile + 1) * rows_per_program, bk)
     else:
         program_steps = kv_len // bk
-    kv_rows = lambda j: (b, pl.ds(j * bk, bk), lax.div(h, jnp.int32(group)))
+    kv_rows = lambda j: (b, pl.ds((first_block + j) * bk, bk), lax.div(h, jnp.int32(group)))
     streams = [(lambda j: k_ref.at[kv_rows(j)], k_smem, k_loaded, k_consumed),
                (lambda j: v_ref.at[kv_rows(j)], v_smem, v_loaded, v_consumed)]
+    if segments:
+        (qseg_smem, kvseg_smem), (qseg_loaded, kvseg_loaded) = seg_smem, seg_loaded
+        streams.append((lambda j: kvseg_ref.at[b, pl.ds((first_block + j) * bk, bk)],
+                        kvseg_smem, kvseg_loaded, seg_consumed))
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
@@ -91,9 +109,15 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
         delta = plgpu.load(delta_smem.at[wg], (), layout=row_vector)
         dq = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         steps = _kv_steps_before(row0 + bq, bk) if causal else program_steps
+        if segments:
+            plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(row0, bq)], qseg_smem.at[wg],
+                                    qseg_loaded.at[wg])
+            plgpu.barrier_wait(qseg_loaded.at[wg])
+            q_ids = plgpu.load(qseg_smem.at[wg], (), layout=row_vector)
 
         def step(j, dq, *, masked):
             slot = _slot(j, num_stages)
+            col0 = (first_block + j) * bk
             plgpu.barrier_wait(k_loaded.at[slot])
             plgpu.barrier_wait(v_loaded.at[slot])
 
@@ -107,16 +131,37 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
                                   plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(v_consumed.at[slot])
             p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
-            if masked:
-                p = jnp.where(_causal_visible(p.shape, row0, j * bk, query_axis=0), p, 0.0)
+            if segments:
+                plgpu.barrier_wait(kvseg_loaded.at[slot])
+                if masked:
+                    kv_ids = plgpu.load(kvseg_smem.at[slot], (),
+                                        layout=plgpu.Layout.WGMMA.reduce(0))
+                    visible = _segment_visible(p.shape, q_ids, kv_ids, query_axis=0)
+                    if causal:
+                        visible = visible & _causal_visible(p.shape, row0, col0, query_axis=0)
+                    # Rows that see nothing have lse -inf: p is inf there before the select.
+                    p = jnp.where(visible, p, 0.0)
+                plgpu.barrier_arrive(seg_consumed.at[slot])
+            elif masked:
+                p = jnp.where(_causal_visible(p.shape, row0, col0, query_axis=0), p, 0.0)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
             dq = _accumulate(dq, ds.astype(dtype), k_smem.at[slot])
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
 
-        dq = _visit_kv_blocks(step, dq, causal=causal, row0=row0, bk=bk, steps=steps,
-                              program_steps=program_steps,
-                              pass_over=lambda j: _pass_over(j, num_stages, streams))
+        pass_over = lambda j: _pass_over(j, num_stages, streams)
+        if segments:
+            def visit(j, dq):
+                kind = _segment_block_kind(row_tab, col_tab, b, tile * _COMPUTE_WARPGROUPS + wg,
+                                           first_block + j, row_block=bq, col_block=bk,
+                                           causal=causal, rows_are_queries=True)
+                return _switch_on_kind(kind, lambda: pass_over(j),
+                                       functools.partial(step, j), dq)
+
+            dq = lax.fori_loop(0, program_steps, visit, dq)
+        else:
+            dq = _visit_kv_blocks(step, dq, causal=causal, row0=row0, bk=bk, steps=steps,
+                                  program_steps=program_steps, pass_over=pass_over)
 
         q_smem.at[wg][...] = (dq * sm_scale).astype(dtype)
         plgpu.commit_smem()
@@ -129,9 +174,7 @@ def _dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, row_
         _stream(program_steps, num_stages, streams)
 
 
-def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
-              row_loaded, loaded, consumed, *, causal, c, sm_scale, bq, bk, num_stages, group,
-              q_len):
+def _dkv_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, q_len):
     """dK/dV program: 2 * bk key rows of one (batch, kv head); streams the query blocks of
     all `group` query heads of that kv head (GQA reduced here, no atomics).
 
@@ -140,7 +183,18 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
     together), dS^T = P^T (dP^T - delta), dK += dS^T Q; finally dK *= sm_scale.
     smem = (k, v [2, bk, D], q, do [stages, bq, D], lse, delta [stages, bq]);
     row_loaded: (k, v) [2]; loaded / consumed: (q, do, lse, delta) [stages].
+    With segments: the tables (rows: kv blocks, columns: query blocks) and ids after delta,
+    and (kv ids [2, bk], q ids [stages, bq]) with their loaded ([2], [stages]) and consumed
+    ([stages]) barriers; a program streams, for each head, the union of its two rows'
+    query-block ranges.
     """
+    if segments:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_tab, col_tab, qseg_ref,
+         kvseg_ref, dk_ref, dv_ref, smem, row_loaded, loaded, consumed, seg_smem, seg_loaded,
+         seg_consumed) = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, row_loaded,
+         loaded, consumed) = refs
     b, kh = lax.axis_index("batch"), lax.axis_index("kv_heads")
     tile, wg = lax.axis_index("kv_tiles"), lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
@@ -149,13 +203,17 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
     D, dtype = k_smem.shape[-1], k_smem.dtype
     rows_per_program = _COMPUTE_WARPGROUPS * bk
     n_q = q_len // bq
-    # Causal: query blocks that end before the program's first key see none of its keys.
-    q_begin = lax.div(tile * rows_per_program, jnp.int32(bq)) if causal else 0
-    per_head = n_q - q_begin
+    if segments:
+        q_begin, per_head = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
+    else:
+        # Causal: query blocks that end before the program's first key see none of its keys.
+        q_begin = lax.div(tile * rows_per_program, jnp.int32(bq)) if causal else 0
+        per_head = n_q - q_begin
     program_steps = group * per_head
+    divisor = jnp.maximum(per_head, 1)      # per_head = 0 streams nothing
 
     def head_and_block(j):
-        return kh * group + lax.div(j, per_head), q_begin + lax.rem(j, per_head)
+        return kh * group + lax.div(j, divisor), q_begin + lax.rem(j, divisor)
 
     def q_rows(j):
         h, i = head_and_block(j)
@@ -169,6 +227,10 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
                (lambda j: do_ref.at[q_rows(j)], do_smem, do_loaded, do_consumed),
                (lambda j: lse_ref.at[stat_rows(j)], lse_smem, lse_loaded, lse_consumed),
                (lambda j: delta_ref.at[stat_rows(j)], delta_smem, delta_loaded, delta_consumed)]
+    if segments:
+        (kvseg_smem, qseg_smem), (kvseg_loaded, qseg_loaded) = seg_smem, seg_loaded
+        streams.append((lambda j: qseg_ref.at[b, pl.ds(head_and_block(j)[1] * bq, bq)],
+                        qseg_smem, qseg_loaded, seg_consumed))
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
@@ -182,18 +244,35 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
         zeros = lambda: plgpu.layout_cast(jnp.full((bk, D), 0.0, jnp.float32),
                                           plgpu.Layout.WGMMA)
         col_vector = plgpu.Layout.WGMMA.reduce(0)
+        if segments:
+            plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(k0, bk)], kvseg_smem.at[wg],
+                                    kvseg_loaded.at[wg])
+            plgpu.barrier_wait(kvseg_loaded.at[wg])
+            kv_ids = plgpu.load(kvseg_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
 
-        def step(i, carry, *, base, masked):
+        def step(i, carry, *, base, masked, q_offset=0):
+            # Stream step base + i holds query block q_offset + i.
             dk, dv = carry
             slot = _slot(base + i, num_stages)
+            q0 = (q_offset + i) * bq
             plgpu.barrier_wait(q_loaded.at[slot])
             plgpu.barrier_wait(lse_loaded.at[slot])
             s_t = _issue_scores(k_smem.at[wg], q_smem.at[slot], (bk, bq))
             lse = plgpu.load(lse_smem.at[slot], (), layout=col_vector)
             plgpu.barrier_arrive(lse_consumed.at[slot])
             p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            if masked:
-                p_t = jnp.where(_causal_visible(p_t.shape, k0, i * bq, query_axis=1), p_t, 0.0)
+            if segments:
+                plgpu.barrier_wait(qseg_loaded.at[slot])
+                if masked:
+                    q_ids = plgpu.load(qseg_smem.at[slot], (), layout=col_vector)
+                    visible = _segment_visible(p_t.shape, kv_ids, q_ids, query_axis=1)
+                    if causal:
+                        visible = visible & _causal_visible(p_t.shape, k0, q0, query_axis=1)
+                    # Queries that see nothing have lse -inf: p is inf there before the select.
+                    p_t = jnp.where(visible, p_t, 0.0)
+                plgpu.barrier_arrive(seg_consumed.at[slot])
+            elif masked:
+                p_t = jnp.where(_causal_visible(p_t.shape, k0, q0, query_axis=1), p_t, 0.0)
             plgpu.barrier_wait(do_loaded.at[slot])
 
             def dv_and_dprobs(dv_ref, dp_ref):
@@ -214,6 +293,17 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
             return dk, dv
 
         def head(g, carry):
+            if segments:
+                def visit(i, carry):
+                    kind = _segment_block_kind(
+                        row_tab, col_tab, b, tile * _COMPUTE_WARPGROUPS + wg, q_begin + i,
+                        row_block=bk, col_block=bq, causal=causal, rows_are_queries=False)
+                    return _switch_on_kind(
+                        kind, lambda: _pass_over(g * per_head + i, num_stages, streams),
+                        functools.partial(step, i, base=g * per_head, q_offset=q_begin),
+                        carry)
+
+                return lax.fori_loop(0, per_head, visit, carry)
             base = g * per_head - q_begin           # stream step of query block i: base + i
             if causal:
                 # The program's stream starts at the first warpgroup's keys; blocks that end
@@ -249,7 +339,7 @@ def _dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, s
 
 
 def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicBlocks,
-                   interpret=None):
+                   q_seg=None, kv_seg=None, interpret=None):
     """Hopper flash-attention backward on padded arrays: (dq, dk, dv).
 
     Args:
@@ -257,14 +347,18 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         k, v: [B, S, K, D] same dtype, S a multiple of blocks.kv_multiple.
         lse: float32 [B, H, T] natural log-sum-exp of the scaled scores (the forward's).
         delta: float32 [B, H, T] rowsum(o * do) (minus any LSE cotangent).
-        causal, sm_scale, blocks, interpret: as in flash_forward.
+        causal, sm_scale, blocks, q_seg, kv_seg, interpret: as in flash_forward (with
+            segments, queries that see nothing have lse -inf and get zero gradients).
 
     Returns:
         dq like q, dk like k, dv like v.
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
-    reason = unsupported_reason(q.dtype, D, segments=False, backward=True)
+    segments = q_seg is not None
+    if segments != (kv_seg is not None):
+        raise ValueError("pass both q_seg and kv_seg, or neither")
+    reason = unsupported_reason(q.dtype, D, backward=True)
     if reason is not None:
         raise ValueError(f"the Hopper flash-attention kernel does not support {reason}")
     bq, bk, stages = blocks.bwd_block_q, blocks.bwd_block_kv, blocks.num_stages
@@ -279,9 +373,26 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
     vectors = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     two = _COMPUTE_WARPGROUPS
 
+    ids = lambda *shape: plgpu.SMEM(shape, jnp.int32)
+    if segments:
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+    def segment_parts(row_ids, row_block, col_ids, col_block, n_stages, rows_are_queries):
+        """(extra inputs, extra scratch) of a kernel in segment mode: the tables and ids;
+        row ids [2, row_block] and streamed column ids [stages, col_block] with barriers."""
+        if not segments:
+            return (), ()
+        tables = bsp.block_tables(q_seg, kv_seg, row_block, col_block, causal=causal,
+                                  rows_are_queries=rows_are_queries)
+        return ((*tables, q_seg, kv_seg),
+                ((ids(two, row_block), ids(n_stages, col_block)),
+                 (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=n_stages)),
+                 plgpu.Barrier(num_arrivals=two, num_barriers=n_stages)))
+
     dq_stages = min(stages, S // bk)
-    dq_body = functools.partial(_dq_body, causal=causal, c=c, sm_scale=float(sm_scale), bq=bq,
-                                bk=bk, num_stages=dq_stages, group=H // K, kv_len=S)
+    dq_body = functools.partial(_dq_body, causal=causal, segments=segments, c=c,
+                                sm_scale=float(sm_scale), bq=bq, bk=bk, num_stages=dq_stages,
+                                group=H // K, kv_len=S, q_tiles=T // (two * bq))
     dq_scratch = (
         (tiles(two, bq, D), tiles(two, bq, D), vectors(two, bq), vectors(two, bq),
          tiles(dq_stages, bk, D), tiles(dq_stages, bk, D)),
@@ -289,13 +400,16 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         (plgpu.Barrier(num_barriers=dq_stages),) * 2,
         (plgpu.Barrier(num_arrivals=two, num_barriers=dq_stages),) * 2,
     )
-    dq = _launch("flash_attention_dq_hopper", dq_body, dq_scratch, (q, k, v, do, lse2, delta),
+    extra_in, extra_scratch = segment_parts(q_seg, bq, kv_seg, bk, dq_stages, True)
+    dq = _launch("flash_attention_dq_hopper", dq_body, dq_scratch + extra_scratch,
+                 (q, k, v, do, lse2, delta) + extra_in,
                  out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(H, T // (two * bq), B),
                  grid_names=("heads", "q_tiles", "batch"), interpret=interpret)
 
     dkv_stages = min(stages, H // K * (T // bq))     # more slots than steps would idle
-    dkv_body = functools.partial(_dkv_body, causal=causal, c=c, sm_scale=float(sm_scale),
-                                 bq=bq, bk=bk, num_stages=dkv_stages, group=H // K, q_len=T)
+    dkv_body = functools.partial(_dkv_body, causal=causal, segments=segments, c=c,
+                                 sm_scale=float(sm_scale), bq=bq, bk=bk,
+                                 num_stages=dkv_stages, group=H // K, q_len=T)
     dkv_scratch = (
         (tiles(two, bk, D), tiles(two, bk, D), tiles(dkv_stages, bq, D),
          tiles(dkv_stages, bq, D), vectors(dkv_stages, bq), vectors(dkv_stages, bq)),
@@ -304,8 +418,10 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         (plgpu.Barrier(num_arrivals=two, num_barriers=dkv_stages),) * 4,
     )
 
+    extra_in, extra_scratch = segment_parts(kv_seg, bk, q_seg, bq, dkv_stages, False)
     dk, dv = _launch(
-        "flash_attention_dkv_hopper", dkv_body, dkv_scratch, (q, k, v, do, lse2, delta),
+        "flash_attention_dkv_hopper", dkv_body, dkv_scratch + extra_scratch,
+        (q, k, v, do, lse2, delta) + extra_in,
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(K, S // (two * bk), B), grid_names=("kv_heads", "kv_tiles", "batch"),
         interpret=interpret)

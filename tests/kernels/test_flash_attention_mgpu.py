@@ -128,6 +128,38 @@ def test_forward_with_segments_matches_reference(causal, block_kv, K):
                                atol=LSE_TOL)
 
 
+@pytest.mark.parametrize("causal,K,bwd_block_kv", [
+    (True, 1, 64),
+    pytest.param(False, 1, 64, marks=pytest.mark.slow),
+    pytest.param(True, 2, 128, marks=pytest.mark.slow),
+])
+def test_backward_with_segments_matches_reference(causal, K, bwd_block_kv):
+    """dQ and dK/dV on packed rows (given the reference LSE, -inf on padding rows, and
+    delta): gradients match and padding rows get exactly zero, never NaN."""
+    H, D, T, dtype = 2 * K, 64, 256, jnp.bfloat16
+    q, k, v = qkv(7 + K, len(SEGMENT_ROWS), T, H, K, D, dtype)
+    do = normal(jax.random.key(8), q.shape, dtype)
+    seg = jnp.asarray(SEGMENT_ROWS, jnp.int32)
+    sm_scale = 0.7 / D ** 0.5
+    f32 = lambda x: x.astype(jnp.float32)
+    o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(
+        q, k, v, segment_ids=seg, causal=causal, sm_scale=sm_scale), f32(q), f32(k), f32(v))
+    lse = reference_lse_segments(q, k, seg, causal, sm_scale)
+    delta = jnp.einsum("bthd,bthd->bht", o, f32(do))
+    blocks = mgpu.MosaicBlocks(block_kv=64, bwd_block_q=64, bwd_block_kv=bwd_block_kv)
+    with extended_gpu_interpreter() as interpret:
+        grads = mgpu_bwd.flash_backward(q, k, v, do, lse, delta, causal=causal,
+                                        sm_scale=sm_scale, blocks=blocks, q_seg=seg,
+                                        kv_seg=seg, interpret=interpret)
+        jax.block_until_ready(grads)
+    assert not races_found()
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
+        g = np.asarray(g, np.float32)
+        assert np.isfinite(g).all(), name
+        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert not np.asarray(grads[0], np.float32)[np.asarray(seg) == 0].any()
+
+
 # (causal, T, H, K, D, bwd_block_q, bwd_block_kv): one tile and several; GQA 1, 2 and 4;
 # head dims 64 and 128; causal dK/dV tiles whose second warpgroup skips whole blocks and dQ
 # tiles whose first warpgroup stops early; query and key blocks of different sizes.
@@ -196,21 +228,24 @@ def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backwa
         assert rel_err(g, ref_g) < HALF_TOL, name
 
 
-def test_wrapper_with_segments_runs_the_mosaic_forward_and_triton_backward():
-    """Packed documents through flash_attention asking for Mosaic both ways: the forward
-    is Mosaic, the backward falls back to Triton (reading the Mosaic LSE), odd length."""
+@pytest.mark.parametrize("gpu_backward", ["mosaic",
+                                          pytest.param("triton", marks=pytest.mark.slow)])
+def test_wrapper_with_segments_matches_reference(gpu_backward):
+    """Packed documents through flash_attention with the Mosaic forward and the Mosaic (or
+    Triton, reading the Mosaic LSE) backward: odd length, a padding tail, GQA 2."""
     B, T, H, K, D = 2, 200, 2, 1, 64
     q, k, v = qkv(5, B, T, H, K, D, jnp.bfloat16)
     seg = jnp.asarray([[1] * 70 + [2] * 100 + [0] * 30, [3] * 150 + [4] * 50], jnp.int32)
     do = normal(jax.random.key(6), (B, T, H, D), jnp.bfloat16)
     blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
-                           gpu_forward="mosaic", gpu_backward="mosaic",
+                           gpu_forward="mosaic", gpu_backward=gpu_backward,
                            mosaic=mgpu.MosaicBlocks(block_kv=64))
     with extended_gpu_interpreter() as interpret:
         attn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=True,
                                                   block_sizes=blocks, interpret=interpret)
         jaxpr = str(jax.make_jaxpr(lambda q, k, v: jax.vjp(attn, q, k, v)[1](q))(q, k, v))
-        assert "flash_attention_fwd_hopper" in jaxpr and "dkv_hopper" not in jaxpr
+        assert "flash_attention_fwd_hopper" in jaxpr
+        assert ("flash_attention_dkv_hopper" in jaxpr) == (gpu_backward == "mosaic")
         o, vjp = jax.vjp(attn, q, k, v)
         grads = jax.block_until_ready(vjp(do))
     assert not races_found()
@@ -223,19 +258,39 @@ def test_wrapper_with_segments_runs_the_mosaic_forward_and_triton_backward():
         assert rel_err(g, ref_g) < HALF_TOL, name
 
 
-@pytest.mark.parametrize("dtype,D,segments,reason", [
-    (jnp.float32, 64, False, "dtype float32"),
-    (jnp.bfloat16, 80, False, "head dim 80"),
-    (jnp.bfloat16, 320, False, "head dim 320"),
-    (jnp.bfloat16, 128, True, None),
-    (jnp.float16, 256, False, None),
+def test_wrapper_masks_padded_keys_without_causality():
+    """Non-causal attention over a length that is not a block multiple: the wrapper pads the
+    keys and masks them with segment ids of 0, now inside the Mosaic kernels too."""
+    B, T, H, K, D = 1, 200, 2, 1, 64
+    q, k, v = qkv(9, B, T, H, K, D, jnp.bfloat16)
+    do = normal(jax.random.key(10), (B, T, H, D), jnp.bfloat16)
+    blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
+                           gpu_forward="mosaic", gpu_backward="mosaic",
+                           mosaic=mgpu.MosaicBlocks(block_kv=64))
+    with extended_gpu_interpreter() as interpret:
+        attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=False, block_sizes=blocks,
+                                                  interpret=interpret)
+        o, vjp = jax.vjp(attn, q, k, v)
+        grads = jax.block_until_ready(vjp(do))
+    assert not races_found()
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=False),
+                             f32(q), f32(k), f32(v))
+    assert rel_err(o, ref_o) < HALF_TOL
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
+        assert rel_err(g, ref_g) < HALF_TOL, name
+
+
+@pytest.mark.parametrize("dtype,D,reason", [
+    (jnp.float32, 64, "dtype float32"),
+    (jnp.bfloat16, 80, "head dim 80"),
+    (jnp.bfloat16, 320, "head dim 320"),
+    (jnp.float16, 256, None),
 ])
-def test_unsupported_reason(dtype, D, segments, reason):
-    assert "backward" in mgpu.unsupported_reason(jnp.bfloat16, 256, segments=False,
-                                                 backward=True)
-    assert "segment ids" in mgpu.unsupported_reason(jnp.bfloat16, 128, segments=True,
-                                                    backward=True)
-    got = mgpu.unsupported_reason(dtype, D, segments=segments)
+def test_unsupported_reason(dtype, D, reason):
+    assert "backward" in mgpu.unsupported_reason(jnp.bfloat16, 256, backward=True)
+    assert mgpu.unsupported_reason(jnp.bfloat16, 128, backward=True) is None
+    got = mgpu.unsupported_reason(dtype, D)
     assert (got is None) if reason is None else (reason in got)
 
 
@@ -307,11 +362,12 @@ def test_lowers_mixed(gpu_forward, gpu_backward, calls):
 
 @pytest.mark.parametrize("dtype,segments,T,S,causal,sm_scale,calls", [
     (jnp.float32, False, 256, 256, True, None, (0, 3)),      # dtype
-    (jnp.bfloat16, True, 256, 256, True, None, (1, 2)),      # segment ids: backward only
-    (jnp.bfloat16, False, 256, 300, False, None, (0, 3)),    # padded keys need a mask
+    (jnp.bfloat16, True, 256, 256, True, None, (3, 0)),      # segment ids: Mosaic too
+    (jnp.bfloat16, False, 256, 300, False, None, (3, 0)),    # padded keys: Mosaic masks
     (jnp.bfloat16, False, 256, 256, True, -0.125, (0, 3)),   # a negative scale
 ])
-def test_falls_back_to_triton(dtype, segments, T, S, causal, sm_scale, calls):
+def test_falls_back_to_triton_only_where_it_must(dtype, segments, T, S, causal, sm_scale,
+                                                  calls):
     assert lowered_calls(1, T, 4, 2, 64, dtype, causal=causal, segments=segments,
                          S=S, sm_scale=sm_scale) == calls
 
