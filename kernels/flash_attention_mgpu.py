@@ -35,13 +35,13 @@ diagonal and mask elementwise only on the blocks that cross it. Every causal row
 least key 0 in the first block it visits, so the running max is finite from the first step
 on and no row can produce 0/0.
 
-Segment ids (packed documents, and the wrapper's mask of padded keys): block_sparsity's
-tables give each row block (64 query rows; in dK/dV, key rows) its [lo, hi) of column
-blocks to visit; a program streams the union of its two rows' ranges, with the column
-blocks' ids as one more TMA stream, and each compute warpgroup recomputes every block's
-kind (SKIP / FULL / MASKED) from the tables, passes over SKIP blocks and blocks outside its
-own range (keeping the forward's ping-pong count), runs FULL blocks unmasked and masks
-MASKED ones with the ids. A query row may then see nothing (padding): the forward masks
+Segment ids (packed documents, and the wrapper's mask of padded keys): `segment_tables`
+holds the kind (SKIP / FULL / MASKED, block_sparsity.block_kind_table) of every (row
+block, column block) pair and each row block's [lo, hi) of non-SKIP columns (rows: 64
+query rows; in dK/dV, key rows). A program streams the union of its two rows' ranges,
+with the column blocks' ids as one more TMA stream; each compute warpgroup reads one kind
+per block, passes over SKIP blocks (those outside its own range included, keeping the
+forward's ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the ids. A query row may then see nothing (padding): the forward masks
 scores with a finite value and selects the weights to 0, so such rows give 0 and an LSE of
 -inf, as the Triton kernels do; the backward's selects turn their exp2(s - (-inf)) = inf
 into 0, so their gradients are 0.
@@ -257,34 +257,29 @@ def _visit_kv_blocks(step, carry, *, causal, row0, bk, steps, program_steps, pas
     return carry
 
 
-def _program_range(row_tab, b, first_row):
+def segment_tables(q_seg, kv_seg, row_block, col_block, *, causal, rows_are_queries):
+    """The two int32 tables of segment mode: kinds [B, R, C] (SKIP / FULL / MASKED of every
+    (row block, column block) pair, block_sparsity.block_kind_table, transposed when rows
+    are key blocks) and ranges [B, R, 2] ([lo, hi) of each row's non-SKIP columns). A
+    kernel step then reads one scalar (its block's kind) instead of recomputing it."""
+    if rows_are_queries:
+        kinds = bsp.block_kind_table(q_seg, kv_seg, row_block, col_block, causal=causal)
+    else:
+        kinds = bsp.block_kind_table(q_seg, kv_seg, col_block, row_block,
+                                     causal=causal).transpose(0, 2, 1)
+    return kinds, jnp.stack(bsp.visit_ranges(kinds), axis=-1)
+
+
+def _program_range(ranges, b, first_row):
     """Segment mode: the column blocks [first, first + steps) a program of the compute
     warpgroups' row blocks first_row, first_row + 1 streams (the union of their [lo, hi)
-    ranges in block_sparsity's row table)."""
-    lo0, hi0 = row_tab[b, first_row, 3], row_tab[b, first_row, 4]
-    lo1, hi1 = row_tab[b, first_row + 1, 3], row_tab[b, first_row + 1, 4]
+    ranges)."""
+    lo0, hi0 = ranges[b, first_row, 0], ranges[b, first_row, 1]
+    lo1, hi1 = ranges[b, first_row + 1, 0], ranges[b, first_row + 1, 1]
     empty0, empty1 = hi0 <= lo0, hi1 <= lo1
     first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
     last = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
     return first, jnp.maximum(last - first, 0)
-
-
-def _segment_block_kind(row_tab, col_tab, b, row, col, *, row_block, col_block, causal,
-                        rows_are_queries):
-    """Segment mode: SKIP, FULL or MASKED for row block `row` against column block `col`,
-    SKIP outside the row's [lo, hi) (where the program streams blocks for the other
-    warpgroup)."""
-    r_first, c_first = row * row_block, col * col_block
-    r_seg = tuple(row_tab[b, row, i] for i in range(3))
-    c_seg = tuple(col_tab[b, col, i] for i in range(3))
-    if rows_are_queries:
-        kind = bsp.block_kind(r_first, r_first + row_block - 1, c_first,
-                              c_first + col_block - 1, r_seg, c_seg, causal=causal)
-    else:
-        kind = bsp.block_kind(c_first, c_first + col_block - 1, r_first,
-                              r_first + row_block - 1, c_seg, r_seg, causal=causal)
-    inside = (col >= row_tab[b, row, 3]) & (col < row_tab[b, row, 4])
-    return jnp.where(inside, kind, bsp.SKIP)
 
 
 def _switch_on_kind(kind, pass_over, step, carry):
@@ -333,13 +328,13 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
     smem = (qo [2, bq, D], k [stages, bk, D], v [stages, bk, D], lse [2, bq]);
     loaded = (k [stages], v [stages], q [2]) TMA barriers; consumed = (k, v) [stages] barriers
     with one arrival per compute warpgroup; pingpong: one two-arrival barrier.
-    With segments, after v: row_tab int32 [B, T // bq, 5] and col_tab int32 [B, S // bk, 3]
-    (block_sparsity.block_tables), q_seg int32 [B, T], kv_seg int32 [B, S]; and seg_smem =
+    With segments, after v: kinds int32 [B, T // bq, S // bk] and ranges int32
+    [B, T // bq, 2] (segment_tables), q_seg int32 [B, T], kv_seg int32 [B, S]; and seg_smem =
     (q ids [2, bq], kv ids [stages, bk]), seg_loaded = (q ids [2], kv ids [stages]),
     seg_consumed = kv ids [stages].
     """
     if segments:
-        (q_ref, k_ref, v_ref, row_tab, col_tab, qseg_ref, kvseg_ref, o_ref, lse_ref, smem,
+        (q_ref, k_ref, v_ref, kinds, ranges, qseg_ref, kvseg_ref, o_ref, lse_ref, smem,
          loaded, consumed, pingpong, seg_smem, seg_loaded, seg_consumed) = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, smem, loaded, consumed, pingpong = refs
@@ -357,7 +352,7 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
     if segments:
         # The program visits the union of its two row blocks' [lo, hi) ranges; each compute
         # warpgroup passes over the blocks outside its own range or of kind SKIP.
-        first_block, program_steps = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
+        first_block, program_steps = _program_range(ranges, b, tile * _COMPUTE_WARPGROUPS)
     elif causal:
         program_steps = _kv_steps_before((tile + 1) * (_COMPUTE_WARPGROUPS * bq), bk)
     else:
@@ -439,8 +434,12 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
                 t = jnp.where(visible, s * c, _MASK_VALUE)
                 m_new = jnp.maximum(m, t.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.where(visible,
-                              jnp.exp2(t - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+                # A masked entry's exp2(_MASK_VALUE - m_new) is 0 once its row has seen a key
+                # (m_new > _MASK_VALUE); before that every entry is masked and the row's
+                # weights are selected to 0. Selecting by row frees the [bq, bk] mask early.
+                seen = lax.broadcast_in_dim(m_new > _MASK_VALUE, s.shape, [0])
+                p = jnp.where(seen, jnp.exp2(t - lax.broadcast_in_dim(m_new, s.shape, [0])),
+                              0.0)
             else:
                 m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
@@ -482,9 +481,8 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
 
         if segments:
             def visit(j, carry):
-                kind = _segment_block_kind(row_tab, col_tab, b, row_block, first_block + j,
-                                           row_block=bq, col_block=bk, causal=causal,
-                                           rows_are_queries=True)
+                # Blocks outside this warpgroup's own [lo, hi) are SKIP by construction.
+                kind = kinds[b, row_block, first_block + j]
                 return _switch_on_kind(kind, lambda: pass_over(j),
                                        functools.partial(step, j), carry)
 
@@ -566,9 +564,8 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, q_seg=None
     args = (q, k, v)
     if segments:
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
-        row_tab, col_tab = bsp.block_tables(q_seg, kv_seg, bq, bk, causal=causal,
-                                            rows_are_queries=True)
-        args += (row_tab, col_tab, q_seg, kv_seg)
+        args += (*segment_tables(q_seg, kv_seg, bq, bk, causal=causal, rows_are_queries=True),
+                 q_seg, kv_seg)
         scratch += ((plgpu.SMEM((two, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)),
                     (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=stages)),
                     plgpu.Barrier(num_arrivals=two, num_barriers=stages))

@@ -27,12 +27,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # The pipeline building blocks are shared with the forward (same package, one pipeline).
-from instructjax.kernels import block_sparsity as bsp
 from instructjax.kernels.flash_attention_mgpu import (
     _COMPUTE_REGISTERS, _COMPUTE_WARPGROUPS, _LOG2E, _PRODUCER_REGISTERS, MosaicBlocks,
     _causal_visible, _check_scale_and_causality, _kv_steps_before, _launch, _pass_over,
-    _program_range, _query_tile, _segment_block_kind, _segment_visible, _slot, _smem_tiles,
-    _stream, _switch_on_kind, _visit_kv_blocks, unsupported_reason)
+    _program_range, _query_tile, _segment_visible, _slot, _smem_tiles, _stream,
+    _switch_on_kind, _visit_kv_blocks, segment_tables, unsupported_reason)
 
 
 def _issue_scores(a_smem, b_smem, shape):
@@ -65,7 +64,7 @@ def _dq_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, kv
     kv ids [stages, bk]) with their loaded ([2], [stages]) and consumed ([stages]) barriers.
     """
     if segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_tab, col_tab, qseg_ref,
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kinds, ranges, qseg_ref,
          kvseg_ref, dq_ref, smem, row_loaded, loaded, consumed, seg_smem, seg_loaded,
          seg_consumed) = refs
     else:
@@ -80,7 +79,7 @@ def _dq_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, kv
     rows_per_program = _COMPUTE_WARPGROUPS * bq
     first_block = 0
     if segments:
-        first_block, program_steps = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
+        first_block, program_steps = _program_range(ranges, b, tile * _COMPUTE_WARPGROUPS)
     elif causal:
         program_steps = _kv_steps_before((tile + 1) * rows_per_program, bk)
     else:
@@ -152,9 +151,7 @@ def _dq_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, kv
         pass_over = lambda j: _pass_over(j, num_stages, streams)
         if segments:
             def visit(j, dq):
-                kind = _segment_block_kind(row_tab, col_tab, b, tile * _COMPUTE_WARPGROUPS + wg,
-                                           first_block + j, row_block=bq, col_block=bk,
-                                           causal=causal, rows_are_queries=True)
+                kind = kinds[b, tile * _COMPUTE_WARPGROUPS + wg, first_block + j]
                 return _switch_on_kind(kind, lambda: pass_over(j),
                                        functools.partial(step, j), dq)
 
@@ -189,7 +186,7 @@ def _dkv_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, q
     query-block ranges.
     """
     if segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, row_tab, col_tab, qseg_ref,
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kinds, ranges, qseg_ref,
          kvseg_ref, dk_ref, dv_ref, smem, row_loaded, loaded, consumed, seg_smem, seg_loaded,
          seg_consumed) = refs
     else:
@@ -204,7 +201,7 @@ def _dkv_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, q
     rows_per_program = _COMPUTE_WARPGROUPS * bk
     n_q = q_len // bq
     if segments:
-        q_begin, per_head = _program_range(row_tab, b, tile * _COMPUTE_WARPGROUPS)
+        q_begin, per_head = _program_range(ranges, b, tile * _COMPUTE_WARPGROUPS)
     else:
         # Causal: query blocks that end before the program's first key see none of its keys.
         q_begin = lax.div(tile * rows_per_program, jnp.int32(bq)) if causal else 0
@@ -295,9 +292,7 @@ def _dkv_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, q
         def head(g, carry):
             if segments:
                 def visit(i, carry):
-                    kind = _segment_block_kind(
-                        row_tab, col_tab, b, tile * _COMPUTE_WARPGROUPS + wg, q_begin + i,
-                        row_block=bk, col_block=bq, causal=causal, rows_are_queries=False)
+                    kind = kinds[b, tile * _COMPUTE_WARPGROUPS + wg, q_begin + i]
                     return _switch_on_kind(
                         kind, lambda: _pass_over(g * per_head + i, num_stages, streams),
                         functools.partial(step, i, base=g * per_head, q_offset=q_begin),
@@ -382,8 +377,8 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         row ids [2, row_block] and streamed column ids [stages, col_block] with barriers."""
         if not segments:
             return (), ()
-        tables = bsp.block_tables(q_seg, kv_seg, row_block, col_block, causal=causal,
-                                  rows_are_queries=rows_are_queries)
+        tables = segment_tables(q_seg, kv_seg, row_block, col_block, causal=causal,
+                                rows_are_queries=rows_are_queries)
         return ((*tables, q_seg, kv_seg),
                 ((ids(two, row_block), ids(n_stages, col_block)),
                  (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=n_stages)),
