@@ -41,10 +41,11 @@ block, column block) pair and each row block's [lo, hi) of non-SKIP columns (row
 query rows; in dK/dV, key rows). A program streams the union of its two rows' ranges,
 with the column blocks' ids as one more TMA stream; each compute warpgroup reads one kind
 per block, passes over SKIP blocks (those outside its own range included, keeping the
-forward's ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the ids. A query row may then see nothing (padding): the forward masks
-scores with a finite value and selects the weights to 0, so such rows give 0 and an LSE of
--inf, as the Triton kernels do; the backward's selects turn their exp2(s - (-inf)) = inf
-into 0, so their gradients are 0.
+forward's ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the ids.
+A query row may then see nothing (padding): the forward masks scores with a finite value
+and selects the weights to 0, so such rows give 0 and an LSE of -inf, as the Triton
+kernels do; the backward's selects turn their exp2(s - (-inf)) = inf into 0, so their
+gradients are 0.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
 D head dim; bq / bk query / kv block sizes.
