@@ -299,6 +299,27 @@ def _segment_visible(shape, row_ids, col_ids, *, query_axis):
     return (r == c) & ((r if query_axis == 0 else c) != 0)
 
 
+def _streamed_visibility(shape, slot, streamed, own_ids, *, masked, causal, row0, col0,
+                         query_axis):
+    """Segment mode, one streamed column block: wait for its ids and release their slot;
+    for a MASKED block return bool [shape] (same non-zero segment, and the diagonal when
+    causal), for a FULL one None.
+
+    streamed: (ids smem [stages, cols], loaded, consumed barriers); own_ids: the rows' ids
+    [rows] in the WGMMA.reduce(1) layout; row0 / col0: first row / column position;
+    query_axis: which axis of `shape` indexes queries."""
+    ids_smem, loaded, consumed = streamed
+    plgpu.barrier_wait(loaded.at[slot])
+    visible = None
+    if masked:
+        col_ids = plgpu.load(ids_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        visible = _segment_visible(shape, own_ids, col_ids, query_axis=query_axis)
+        if causal:
+            visible = visible & _causal_visible(shape, row0, col0, query_axis=query_axis)
+    plgpu.barrier_arrive(consumed.at[slot])
+    return visible
+
+
 def _smem_tiles(shape, dtype):
     """Shared memory for a wgmma operand: (8, 64) tiles with a 128-byte swizzle, the layout
     wgmma reads 2-byte operands from."""
@@ -420,14 +441,9 @@ def _forward_body(*refs, causal, segments, c, bq, bk, num_stages, group, kv_len,
             plgpu.barrier_arrive(k_consumed.at[slot])
             visible = None
             if segments:
-                plgpu.barrier_wait(kvseg_loaded.at[slot])
-                if masked:
-                    kv_ids = plgpu.load(kvseg_smem.at[slot], (),
-                                        layout=plgpu.Layout.WGMMA.reduce(0))
-                    visible = _segment_visible(s.shape, q_ids, kv_ids, query_axis=0)
-                    if causal:
-                        visible = visible & _causal_visible(s.shape, row0, col0, query_axis=0)
-                plgpu.barrier_arrive(seg_consumed.at[slot])
+                visible = _streamed_visibility(
+                    s.shape, slot, (kvseg_smem, kvseg_loaded, seg_consumed), q_ids,
+                    masked=masked, causal=causal, row0=row0, col0=col0, query_axis=0)
             elif masked:
                 s = jnp.where(_causal_visible(s.shape, row0, col0, query_axis=0), s, -jnp.inf)
 

@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from instructjax.kernels.flash_attention_mgpu import (
     _COMPUTE_REGISTERS, _COMPUTE_WARPGROUPS, _LOG2E, _PRODUCER_REGISTERS, MosaicBlocks,
     _causal_visible, _check_scale_and_causality, _kv_steps_before, _launch, _pass_over,
-    _program_range, _query_tile, _segment_visible, _slot, _smem_tiles, _stream,
+    _program_range, _query_tile, _slot, _smem_tiles, _stream, _streamed_visibility,
     _switch_on_kind, _visit_kv_blocks, segment_tables, unsupported_reason)
 
 
@@ -40,6 +40,14 @@ def _issue_scores(a_smem, b_smem, shape):
         plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
         return acc_ref[...]
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mask_weights(p, slot, streamed, own_ids, **visibility):
+    """Segment mode: p [rows, cols] with the weights of invisible pairs of a MASKED block set
+    to 0 (queries that see nothing have lse -inf, so their p is inf before the select);
+    FULL blocks unchanged. Arguments as in _streamed_visibility."""
+    visible = _streamed_visibility(p.shape, slot, streamed, own_ids, **visibility)
+    return p if visible is None else jnp.where(visible, p, 0.0)
 
 
 def _accumulate(acc, a, b_smem):
@@ -131,16 +139,9 @@ def _dq_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, kv
             plgpu.barrier_arrive(v_consumed.at[slot])
             p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
             if segments:
-                plgpu.barrier_wait(kvseg_loaded.at[slot])
-                if masked:
-                    kv_ids = plgpu.load(kvseg_smem.at[slot], (),
-                                        layout=plgpu.Layout.WGMMA.reduce(0))
-                    visible = _segment_visible(p.shape, q_ids, kv_ids, query_axis=0)
-                    if causal:
-                        visible = visible & _causal_visible(p.shape, row0, col0, query_axis=0)
-                    # Rows that see nothing have lse -inf: p is inf there before the select.
-                    p = jnp.where(visible, p, 0.0)
-                plgpu.barrier_arrive(seg_consumed.at[slot])
+                p = _mask_weights(p, slot, (kvseg_smem, kvseg_loaded, seg_consumed), q_ids,
+                                  masked=masked, causal=causal, row0=row0, col0=col0,
+                                  query_axis=0)
             elif masked:
                 p = jnp.where(_causal_visible(p.shape, row0, col0, query_axis=0), p, 0.0)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
@@ -259,15 +260,9 @@ def _dkv_body(*refs, causal, segments, c, sm_scale, bq, bk, num_stages, group, q
             plgpu.barrier_arrive(lse_consumed.at[slot])
             p_t = jnp.exp2(s_t * c - lax.broadcast_in_dim(lse, s_t.shape, [1]))
             if segments:
-                plgpu.barrier_wait(qseg_loaded.at[slot])
-                if masked:
-                    q_ids = plgpu.load(qseg_smem.at[slot], (), layout=col_vector)
-                    visible = _segment_visible(p_t.shape, kv_ids, q_ids, query_axis=1)
-                    if causal:
-                        visible = visible & _causal_visible(p_t.shape, k0, q0, query_axis=1)
-                    # Queries that see nothing have lse -inf: p is inf there before the select.
-                    p_t = jnp.where(visible, p_t, 0.0)
-                plgpu.barrier_arrive(seg_consumed.at[slot])
+                p_t = _mask_weights(p_t, slot, (qseg_smem, qseg_loaded, seg_consumed), kv_ids,
+                                    masked=masked, causal=causal, row0=k0, col0=q0,
+                                    query_axis=1)
             elif masked:
                 p_t = jnp.where(_causal_visible(p_t.shape, k0, q0, query_axis=1), p_t, 0.0)
             plgpu.barrier_wait(do_loaded.at[slot])

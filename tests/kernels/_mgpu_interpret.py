@@ -105,7 +105,8 @@ def _wgmma_callback(*, token, device_id, grid_point_coords, thread_id, acc, acc_
     return token
 
 
-def _interpret_wgmma(self, eqn, token, get_invals):
+def _wgmma_operands(eqn, get_invals):
+    """(acc, a, b, their transforms, whether a is a register array) of a wgmma equation."""
     acc, a, b, *leaves = get_invals()
     empty = jax.tree.structure([])
     acc_t, a_t, b_t = jax.tree.unflatten(
@@ -113,6 +114,11 @@ def _interpret_wgmma(self, eqn, token, get_invals):
                                      eqn.params["a_transforms_tree"] or empty,
                                      eqn.params["b_transforms_tree"] or empty)), leaves)
     a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    return acc, a, b, acc_t, a_t, b_t, a_in_registers
+
+
+def _interpret_wgmma(self, eqn, token, get_invals):
+    acc, a, b, acc_t, a_t, b_t, a_in_registers = _wgmma_operands(eqn, get_invals)
     token = callback.io_callback(
         functools.partial(_wgmma_callback, acc_dtype=eqn.invars[0].aval.dtype,
                           a_in_registers=a_in_registers),
@@ -186,13 +192,7 @@ def _interpret_load_011(original):
 
 
 def _interpret_wgmma_011(self, eqn, token, get_invals):
-    acc, a, b, *leaves = get_invals()
-    empty = jax.tree.structure([])
-    acc_t, a_t, b_t = jax.tree.unflatten(
-        jax.tree_util.treedef_tuple((eqn.params["acc_transforms_tree"] or empty,
-                                     eqn.params["a_transforms_tree"] or empty,
-                                     eqn.params["b_transforms_tree"] or empty)), leaves)
-    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    acc, a, b, acc_t, a_t, b_t, a_in_registers = _wgmma_operands(eqn, get_invals)
     acc, acc_t = jaxpr_interpret.resolve_ref(eqn.invars[0].aval, acc, acc_t)
     if not a_in_registers:
         a, a_t = jaxpr_interpret.resolve_ref(eqn.invars[1].aval, a, a_t)

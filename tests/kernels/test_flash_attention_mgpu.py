@@ -37,6 +37,18 @@ def rel_err(x, ref):
     return float(np.linalg.norm((x - ref).ravel()) / np.linalg.norm(ref.ravel()))
 
 
+def assert_matches_reference(o, grads, q, k, v, do, **attention_args):
+    """o and the q/k/v gradients (cotangent do) against float32 reference.attention on the
+    same bf16 values: finite, and within HALF_TOL relative error."""
+    f32 = lambda x: x.astype(jnp.float32)
+    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, **attention_args),
+                             f32(q), f32(k), f32(v))
+    assert rel_err(o, ref_o) < HALF_TOL
+    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert rel_err(g, ref_g) < HALF_TOL, name
+
+
 def qkv(seed, B, T, H, K, D, dtype):
     ks = jax.random.split(jax.random.key(seed), 3)
     return (normal(ks[0], (B, T, H, D), dtype), normal(ks[1], (B, T, K, D), dtype),
@@ -211,7 +223,6 @@ def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backwa
     blocks = fa.BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64,
                            gpu_forward=gpu_forward, gpu_backward=gpu_backward,
                            mosaic=mgpu.MosaicBlocks(block_kv=64))
-    f32 = lambda x: x.astype(jnp.float32)
     with extended_gpu_interpreter() as interpret:
         attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, block_sizes=blocks,
                                                   interpret=interpret)
@@ -221,11 +232,7 @@ def test_wrapper_uses_them_and_gradients_match_reference(gpu_forward, gpu_backwa
         o, vjp = jax.vjp(attn, q, k, v)
         grads = jax.block_until_ready(vjp(do.astype(o.dtype)))
     assert not races_found()
-    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=True),
-                             f32(q), f32(k), f32(v))
-    assert rel_err(o, ref_o) < HALF_TOL
-    for name, g, ref_g in zip("qkv", grads, ref_vjp(do.astype(jnp.bfloat16).astype(jnp.float32))):
-        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert_matches_reference(o, grads, q, k, v, do.astype(jnp.bfloat16), causal=True)
 
 
 @pytest.mark.parametrize("gpu_backward", ["mosaic",
@@ -249,13 +256,8 @@ def test_wrapper_with_segments_matches_reference(gpu_backward):
         o, vjp = jax.vjp(attn, q, k, v)
         grads = jax.block_until_ready(vjp(do))
     assert not races_found()
-    f32 = lambda x: x.astype(jnp.float32)
-    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, segment_ids=seg),
-                             f32(q), f32(k), f32(v))
-    assert rel_err(o, ref_o) < HALF_TOL and not np.asarray(o, np.float32)[0, 170:].any()
-    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
-        assert np.isfinite(np.asarray(g, np.float32)).all(), name
-        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert_matches_reference(o, grads, q, k, v, do, segment_ids=seg)
+    assert not np.asarray(o, np.float32)[0, 170:].any()
 
 
 def test_wrapper_masks_padded_keys_without_causality():
@@ -273,12 +275,7 @@ def test_wrapper_masks_padded_keys_without_causality():
         o, vjp = jax.vjp(attn, q, k, v)
         grads = jax.block_until_ready(vjp(do))
     assert not races_found()
-    f32 = lambda x: x.astype(jnp.float32)
-    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=False),
-                             f32(q), f32(k), f32(v))
-    assert rel_err(o, ref_o) < HALF_TOL
-    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
-        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert_matches_reference(o, grads, q, k, v, do, causal=False)
 
 
 @pytest.mark.parametrize("dtype,D,reason", [
@@ -388,12 +385,7 @@ def test_compiled_on_hopper(causal, D):
     attn = lambda q, k, v: fa.flash_attention(q, k, v, causal=causal, block_sizes=blocks)
     o, vjp = jax.vjp(jax.jit(attn), q, k, v)
     grads = vjp(do)
-    f32 = lambda x: x.astype(jnp.float32)
-    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, causal=causal),
-                             f32(q), f32(k), f32(v))
-    assert rel_err(o, ref_o) < HALF_TOL
-    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
-        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert_matches_reference(o, grads, q, k, v, do, causal=causal)
 
 
 @pytest.mark.skipif(not mgpu.is_hopper(jax.devices()[0]), reason="needs a Hopper (sm_90) GPU")
@@ -412,10 +404,4 @@ def test_compiled_on_hopper_with_segments(causal):
                                               block_sizes=blocks)
     o, vjp = jax.vjp(jax.jit(attn), q, k, v)
     grads = vjp(do)
-    f32 = lambda x: x.astype(jnp.float32)
-    ref_o, ref_vjp = jax.vjp(lambda q, k, v: reference.attention(
-        q, k, v, segment_ids=seg, causal=causal), f32(q), f32(k), f32(v))
-    assert rel_err(o, ref_o) < HALF_TOL
-    for name, g, ref_g in zip("qkv", grads, ref_vjp(f32(do))):
-        assert np.isfinite(np.asarray(g, np.float32)).all(), name
-        assert rel_err(g, ref_g) < HALF_TOL, name
+    assert_matches_reference(o, grads, q, k, v, do, segment_ids=seg, causal=causal)
