@@ -37,7 +37,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from instructjax.kernels import decode_attention_mgpu as dmgpu
 from instructjax.kernels import flash_attention_mgpu as mgpu
 
 # Finite score fill for invisible cache entries (see flash_attention.py).
@@ -133,22 +132,16 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, sm
     lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)[:, None]
 
 
-def _hopper_decode(q, k_cache, v_cache, lengths, kv_mask, *, sm_scale, bk, blocks_per_split,
+def _hopper_decode(q, k_cache, v_cache, lengths, mask_BL, *, sm_scale, bk, blocks_per_split,
                    num_splits, interpret):
-    """decode_attention through the Hopper kernel (decode_attention_mgpu.py): q padded to
-    its 64-row group tile, the caches to a multiple of bk; [B, H, D] in q.dtype."""
+    """decode_attention through the Hopper kernel (decode_attention_mgpu.py) on the padded
+    caches, clamped lengths and int32 mask [B, L_pad]: q padded to its 64-row group tile;
+    [B, H, D] in q.dtype."""
+    from instructjax.kernels import decode_attention_mgpu as dmgpu   # it imports this module
     B, H, D = q.shape
-    L, K = k_cache.shape[1], k_cache.shape[2]
+    K = k_cache.shape[2]
     G = H // K
-    L_pad = -(-L // bk) * bk
     q_BKRD = jnp.pad(q.reshape(B, K, G, D), ((0, 0), (0, 0), (0, dmgpu.ROWS - G), (0, 0)))
-    if L_pad != L:
-        pad = ((0, 0), (0, L_pad - L), (0, 0), (0, 0))
-        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
-    mask_BL = (jnp.ones((B, L), jnp.int32) if kv_mask is None
-               else (kv_mask != 0).astype(jnp.int32))
-    mask_BL = jnp.pad(mask_BL, ((0, 0), (0, L_pad - L)))
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, L)
     partials = functools.partial(dmgpu.decode_partials, group=G, sm_scale=float(sm_scale),
                                  block_kv=bk, blocks_per_split=blocks_per_split,
                                  num_splits=num_splits, interpret=interpret)
@@ -248,6 +241,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         sm_scale = D ** -0.5
     if gpu_kernel not in ("triton", "mosaic"):
         raise ValueError(f"gpu_kernel must be 'triton' or 'mosaic', got {gpu_kernel!r}")
+    from instructjax.kernels import decode_attention_mgpu as dmgpu   # it imports this module
     gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
     # On a real GPU only Hopper has wgmma; a lowering from CPU (_target) builds for it.
     hopper = target == "gpu" and (_target is not None or mgpu.is_hopper(jax.devices()[0]))
@@ -272,23 +266,22 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     blocks_per_split = -(-n_blocks // num_splits)
     N = -(-n_blocks // blocks_per_split)          # splits that own at least one block
-    if mosaic:
-        return _hopper_decode(q, k_cache, v_cache, lengths, kv_mask, sm_scale=sm_scale, bk=bk,
-                              blocks_per_split=blocks_per_split, num_splits=N,
-                              interpret=gpu_interpreter)
-    Gp = max(G, _MIN_ROWS[target])
 
-    q_BKGD = q.reshape(B, K, G, D)
-    if Gp != G:
-        q_BKGD = jnp.pad(q_BKGD, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     if L_pad != L:
         pad = ((0, 0), (0, L_pad - L), (0, 0), (0, 0))
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, L)
-    if kv_mask is None:
-        mask_B1L = jnp.ones((B, 1, L_pad), jnp.int32)
-    else:
-        mask_B1L = jnp.pad((kv_mask != 0).astype(jnp.int32), ((0, 0), (0, L_pad - L)))[:, None]
+    mask_BL = jnp.ones((B, L), jnp.int32) if kv_mask is None else (kv_mask != 0).astype(jnp.int32)
+    mask_BL = jnp.pad(mask_BL, ((0, 0), (0, L_pad - L)))
+    if mosaic:
+        return _hopper_decode(q, k_cache, v_cache, lengths, mask_BL, sm_scale=sm_scale, bk=bk,
+                              blocks_per_split=blocks_per_split, num_splits=N,
+                              interpret=gpu_interpreter)
+    Gp = max(G, _MIN_ROWS[target])
+    q_BKGD = q.reshape(B, K, G, D)
+    if Gp != G:
+        q_BKGD = jnp.pad(q_BKGD, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    mask_B1L = mask_BL[:, None]
 
     if target == "tpu":
         from jax.experimental.pallas import tpu as pltpu

@@ -23,7 +23,6 @@ Letters as in decode_attention.py: B batch, K kv heads, G query heads per kv hea
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from instructjax.kernels.flash_attention_mgpu import _launch, _slot, _smem_tiles, _stream
+from instructjax.kernels.decode_attention import split_block_range
+# _MASK_VALUE: the finite score fill for invisible entries (-inf would make a fully masked
+# block's max -inf and exp2 NaN).
+from instructjax.kernels.flash_attention_mgpu import (
+    _LN2, _LOG2E, _MASK_VALUE, _SUPPORTED_DTYPES, _launch, _slot, _smem_tiles, _stream)
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 ROWS = 64                      # wgmma M tile of one warpgroup: the padded query group
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Finite score fill for invisible cache entries, in the base-2 score domain (see
-# decode_attention.py: -inf would make a fully masked block's max -inf and exp2 NaN).
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 # Shared memory of an H100 / H200 block (227 KiB), less what alignment and barriers take.
 _SMEM_BYTES = 227 * 1024 - 4096
@@ -84,10 +80,8 @@ def _decode_body(len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, q_smem,
     h, s, b = lax.axis_index("heads"), lax.axis_index("splits"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     length = len_ref[b]
-    # The split's blocks below the length: [first, first + steps).
-    first = s * blocks_per_split
-    visible_blocks = lax.div(length + (bk - 1), jnp.int32(bk))
-    steps = jnp.clip(visible_blocks - first, 0, blocks_per_split)
+    first, last = split_block_range(s, length, bk, blocks_per_split)
+    steps = last - first
     k_loaded, v_loaded, mask_loaded = loaded
     k_consumed, v_consumed, mask_consumed = consumed
     block_rows = lambda j: pl.ds((first + j) * bk, bk)

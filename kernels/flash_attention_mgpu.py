@@ -271,6 +271,25 @@ def segment_tables(q_seg, kv_seg, row_block, col_block, *, causal, rows_are_quer
     return kinds, jnp.stack(bsp.visit_ranges(kinds), axis=-1)
 
 
+def _segment_parts(q_seg, kv_seg, row_block, col_block, n_stages, *, causal,
+                   rows_are_queries):
+    """A kernel's extra inputs and scratch in segment mode.
+
+    Inputs: the segment_tables and both id arrays (int32). Scratch: (row ids [2, row_block],
+    streamed column ids [n_stages, col_block]), their loaded barriers ([2], [n_stages]) and
+    the column ids' consumed barriers ([n_stages], one arrival per compute warpgroup).
+    """
+    q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    tables = segment_tables(q_seg, kv_seg, row_block, col_block, causal=causal,
+                            rows_are_queries=rows_are_queries)
+    two = _COMPUTE_WARPGROUPS
+    scratch = ((plgpu.SMEM((two, row_block), jnp.int32),
+                plgpu.SMEM((n_stages, col_block), jnp.int32)),
+               (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=n_stages)),
+               plgpu.Barrier(num_arrivals=two, num_barriers=n_stages))
+    return (*tables, q_seg, kv_seg), scratch
+
+
 def _program_range(ranges, b, first_row):
     """Segment mode: the column blocks [first, first + steps) a program of the compute
     warpgroups' row blocks first_row, first_row + 1 streams (the union of their [lo, hi)
@@ -580,12 +599,9 @@ def flash_forward(q, k, v, *, causal, sm_scale, blocks: MosaicBlocks, q_seg=None
     )
     args = (q, k, v)
     if segments:
-        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
-        args += (*segment_tables(q_seg, kv_seg, bq, bk, causal=causal, rows_are_queries=True),
-                 q_seg, kv_seg)
-        scratch += ((plgpu.SMEM((two, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)),
-                    (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=stages)),
-                    plgpu.Barrier(num_arrivals=two, num_barriers=stages))
+        extra_in, extra_scratch = _segment_parts(q_seg, kv_seg, bq, bk, stages, causal=causal,
+                                                 rows_are_queries=True)
+        args, scratch = args + extra_in, scratch + extra_scratch
     return _launch("flash_attention_fwd_hopper", body, scratch, args,
                    out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                              jax.ShapeDtypeStruct((B, H, T), jnp.float32)),

@@ -30,8 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from instructjax.kernels.flash_attention_mgpu import (
     _COMPUTE_REGISTERS, _COMPUTE_WARPGROUPS, _LOG2E, _PRODUCER_REGISTERS, MosaicBlocks,
     _causal_visible, _check_scale_and_causality, _kv_steps_before, _launch, _pass_over,
-    _program_range, _query_tile, _slot, _smem_tiles, _stream, _streamed_visibility,
-    _switch_on_kind, _visit_kv_blocks, segment_tables, unsupported_reason)
+    _program_range, _query_tile, _segment_parts, _slot, _smem_tiles, _stream,
+    _streamed_visibility, _switch_on_kind, _visit_kv_blocks, unsupported_reason)
 
 
 def _issue_scores(a_smem, b_smem, shape):
@@ -363,21 +363,12 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
     vectors = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     two = _COMPUTE_WARPGROUPS
 
-    ids = lambda *shape: plgpu.SMEM(shape, jnp.int32)
-    if segments:
-        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
-    def segment_parts(row_ids, row_block, col_ids, col_block, n_stages, rows_are_queries):
-        """(extra inputs, extra scratch) of a kernel in segment mode: the tables and ids;
-        row ids [2, row_block] and streamed column ids [stages, col_block] with barriers."""
+    def segment_parts(row_block, col_block, n_stages, rows_are_queries):
         if not segments:
             return (), ()
-        tables = segment_tables(q_seg, kv_seg, row_block, col_block, causal=causal,
-                                rows_are_queries=rows_are_queries)
-        return ((*tables, q_seg, kv_seg),
-                ((ids(two, row_block), ids(n_stages, col_block)),
-                 (plgpu.Barrier(num_barriers=two), plgpu.Barrier(num_barriers=n_stages)),
-                 plgpu.Barrier(num_arrivals=two, num_barriers=n_stages)))
+        return _segment_parts(q_seg, kv_seg, row_block, col_block, n_stages, causal=causal,
+                              rows_are_queries=rows_are_queries)
 
     dq_stages = min(stages, S // bk)
     dq_body = functools.partial(_dq_body, causal=causal, segments=segments, c=c,
@@ -390,7 +381,7 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         (plgpu.Barrier(num_barriers=dq_stages),) * 2,
         (plgpu.Barrier(num_arrivals=two, num_barriers=dq_stages),) * 2,
     )
-    extra_in, extra_scratch = segment_parts(q_seg, bq, kv_seg, bk, dq_stages, True)
+    extra_in, extra_scratch = segment_parts(bq, bk, dq_stages, True)
     dq = _launch("flash_attention_dq_hopper", dq_body, dq_scratch + extra_scratch,
                  (q, k, v, do, lse2, delta) + extra_in,
                  out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(H, T // (two * bq), B),
@@ -408,7 +399,7 @@ def flash_backward(q, k, v, do, lse, delta, *, causal, sm_scale, blocks: MosaicB
         (plgpu.Barrier(num_arrivals=two, num_barriers=dkv_stages),) * 4,
     )
 
-    extra_in, extra_scratch = segment_parts(kv_seg, bk, q_seg, bq, dkv_stages, False)
+    extra_in, extra_scratch = segment_parts(bk, bq, dkv_stages, False)
     dk, dv = _launch(
         "flash_attention_dkv_hopper", dkv_body, dkv_scratch + extra_scratch,
         (q, k, v, do, lse2, delta) + extra_in,

@@ -32,7 +32,6 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True))
-        self._closed = False
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts saving (asynchronously when enabled); `meta` must be JSON-serialisable."""
@@ -88,10 +87,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager (again: a no-op)."""
-        if self._closed:
-            return
-        self._closed = True
+        """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
