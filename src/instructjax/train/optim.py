@@ -49,9 +49,22 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def _decay_mask(params: Any) -> Any:
-    # Norm scales and biases (rank < 2) are not decayed, as in GPT/LLaMA training.
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+# Leaf names that are never decayed: RMSNorm scales and biases (GPT/LLaMA/HF Trainer practice).
+# Decided by name, not rank: with nn.scan a norm scale is [L, E] and a qkv bias is [H, D].
+NO_DECAY_LEAVES = ("scale", "bias")
+
+
+def decay_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: True for the leaves AdamW decays.
+
+    Every leaf is decayed (matrices, embeddings, scalar-head kernels) except those whose last
+    path component is in NO_DECAY_LEAVES, whatever their rank or the layer layout.
+    """
+    def decays(path, _):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", last))
+        return str(name) not in NO_DECAY_LEAVES
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -60,5 +73,5 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
