@@ -89,10 +89,25 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
         grad_accum_steps=1, eval_every=200, eval_batches=8, log_every=20,
         checkpoint_every=500, keep_checkpoints=3, async_checkpoint=True,
+        # non-finite loss / grad norm (PPO: also reward, KL) steps a run may skip, each logged,
+        # before it stops naming the step; 0 = stop at the first (train/divergence.py)
+        max_bad_steps=0,
     ))
     if stage == "pipeline":
-        # one full config per stage; run in this order, each in WORKDIR/<stage>/
-        c.stages = ml_collections.ConfigDict({name: get_base(name, model) for name in PIPELINE})
+        return _pipeline_base(c, model)
+    return c
+
+
+# The pipeline's own keys: everything else is set per stage (`stages.<stage>.<key>`), so a
+# top-level `train.steps` or `data.path` would be accepted and do nothing.
+PIPELINE_KEYS = ("stage", "seed", "dry_run", "mesh", "distributed")
+
+
+def _pipeline_base(full: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
+    """The pipeline schema: its shared keys plus one full config per stage (`stages`)."""
+    c = ml_collections.ConfigDict({key: full[key] for key in PIPELINE_KEYS})
+    # one full config per stage; run in this order, each in WORKDIR/<stage>/
+    c.stages = ml_collections.ConfigDict({name: get_base(name, model) for name in PIPELINE})
     return c
 
 

@@ -31,6 +31,7 @@ import optax
 from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import ppo
 from instructjax.rlhf.scoring import positions_from_mask, score_sequences
+from instructjax.train import divergence
 from instructjax.train.state import TrainState
 
 
@@ -171,9 +172,11 @@ def make_update(model, tx: optax.GradientTransformation, hp: PPOHyper, ptx_loss_
 
     def update(state: TrainState, mb: Experience, ptx_batch: Any):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, ptx_batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        stats = dict(stats, loss=loss, grad_norm=optax.global_norm(grads))
+        grad_norm = optax.global_norm(grads)
+        # a non-finite minibatch changes nothing; the stage decides whether to skip or stop
+        params, opt_state = divergence.apply_if_finite(
+            tx, grads, state.params, state.opt_state, divergence.all_finite(loss, grad_norm))
+        stats = dict(stats, loss=loss, grad_norm=grad_norm)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
     return jax.jit(update, donate_argnums=(0,))

@@ -12,6 +12,7 @@ WORKDIR/ppo_curves.png.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -45,11 +46,16 @@ def stage_config(config: Any, name: str, workdir: str) -> Any:
     return sub
 
 
+def _finite_or_none(value):
+    """summary.json is strict JSON: a NaN / inf metric (a diverged stage) is reported as null."""
+    return value if value is None or math.isfinite(value) else None
+
+
 def _final_eval(rows: list[dict], key: str, first: bool = False):
     values = [r[key] for r in rows if r["split"] == "eval" and key in r]
     if not values:
         return None
-    return values[0] if first else values[-1]
+    return _finite_or_none(values[0] if first else values[-1])
 
 
 def summarize(workdir: str, wall: dict[str, float]) -> dict:
@@ -64,8 +70,8 @@ def summarize(workdir: str, wall: dict[str, float]) -> dict:
                         "sft": _final_eval(sft_rows, key), "ppo": _final_eval(ppo_rows, key)}
     summary.update({
         "reward_accuracy": _final_eval(reward_rows, "accuracy"),
-        "ppo_final_kl": ppo_train[-1]["kl"] if ppo_train else None,
-        "ppo_final_score": ppo_train[-1]["score"] if ppo_train else None,
+        "ppo_final_kl": _finite_or_none(ppo_train[-1]["kl"]) if ppo_train else None,
+        "ppo_final_score": _finite_or_none(ppo_train[-1]["score"]) if ppo_train else None,
         "wall_time_s": wall,
     })
     summary["wall_time_s"]["total"] = sum(v for v in wall.values() if v is not None)
@@ -140,7 +146,7 @@ def run(config: Any, workdir: str) -> dict:
     summary = summarize(workdir, wall)
     if common.is_main_process():
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary, f, indent=2, allow_nan=False)
         plot_ppo(workdir, os.path.join(workdir, "ppo_curves.png"))
         print_table(summary)
     return summary

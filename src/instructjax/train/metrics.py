@@ -15,12 +15,37 @@ from typing import Any, Mapping
 import numpy as np
 
 
+NONFINITE = "nonfinite"  # JSONL key: {metric: "nan" | "inf" | "-inf"} for the nulls of a row
+
+
 def _to_python(value: Any) -> Any:
     arr = np.asarray(value)
-    if arr.ndim == 0:
-        item = arr.item()
-        return item if not isinstance(item, float) or math.isfinite(item) else str(item)
-    return arr.tolist()
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+def encode_row(row: Mapping[str, Any]) -> dict:
+    """A metrics row as strict JSON: NaN / inf scalars become null, named under NONFINITE.
+
+    JSON has no NaN; writing it as a string (as before) hid divergence from every reader.
+    """
+    out, flags = {}, {}
+    for name, value in row.items():
+        value = _to_python(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            flags[name] = str(value)  # "nan", "inf" or "-inf"
+            value = None
+        out[name] = value
+    if flags:
+        out[NONFINITE] = flags
+    return out
+
+
+def decode_row(row: Mapping[str, Any]) -> dict:
+    """Inverse of `encode_row`: the nulls named under NONFINITE become float NaN / inf."""
+    out = {k: v for k, v in row.items() if k != NONFINITE}
+    for name, text in row.get(NONFINITE, {}).items():
+        out[name] = float(text)
+    return out
 
 
 class MetricsWriter:
@@ -59,9 +84,9 @@ class MetricsWriter:
         row = {"step": int(step), "split": split}
         row.update({k: _to_python(v) for k, v in metrics.items()})
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(encode_row(row), ensure_ascii=False, allow_nan=False) + "\n")
         if self._tb is not None:
-            for name, value in row.items():
+            for name, value in row.items():  # TensorBoard stores NaN / inf as numbers
                 if name in ("step", "split") or not isinstance(value, (int, float)):
                     continue
                 self._tb.add_scalar(f"{split}/{name}", value, int(step))
@@ -85,12 +110,12 @@ class MetricsWriter:
 
 
 def read_metrics(workdir_or_path: str) -> list[dict]:
-    """Rows of a `metrics.jsonl` (a workdir or the file itself)."""
+    """Rows of a `metrics.jsonl` (a workdir or the file itself), non-finite values as floats."""
     path = workdir_or_path
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [decode_row(json.loads(line)) for line in f if line.strip()]
 
 
 class Progress:

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from instructjax.parallel import mesh as mesh_lib
+from instructjax.train import divergence
 from instructjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -80,11 +81,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                                                          grad_accum_steps)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads_sum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+        finite = divergence.all_finite(loss, grad_norm)
+        # a non-finite step changes nothing; the loop decides whether to skip it or stop
+        params, opt_state = divergence.apply_if_finite(tx, grads, state.params,
+                                                       state.opt_state, finite)
         metrics = {
-            "loss": loss_sum / denom,
-            "grad_norm": optax.global_norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "weight": weight,
             **_finish_stats(stats),
