@@ -22,6 +22,13 @@ turn; if the last user turn alone is still too long, cut its text from the LEFT 
 the question). The cue is never cut. With an answer (SFT, comparisons), when prompt and answer
 do not both fit, the answer is cut on the right as far as needed to leave the prompt at least
 half of the room, or all of it if the prompt is shorter; the prompt is truncated to the rest.
+
+Over-long records are truncated, never refused: a prompt far longer than the context (a
+10 MB question included) is cut as above at the cost of a few encodings of it. Truncation is
+counted where the caller asks: `encode_sft`, `encode_comparison` and `encode_prompt` take
+`on_truncate`, called once per record that had to be cut by the token budget with what was
+cut, e.g. "prompt cut from 5000 to 61 tokens; answer cut from 90 to 2 tokens (no EOS)"
+(dropping exchanges beyond `max_turns` is configured, not counted).
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ import numpy as np
 from instructjax.data.formats import Comparison, Dialogue, Prompt, Turn, check_turns
 
 TRAIN_ON = ("all", "last")  # encode_sft: loss on every assistant turn, or the last one only
+# A sentencepiece piece spans at most this many characters (its trainer's default
+# max_sentencepiece_length), so a text of more than 16 * n characters never fits in n
+# tokens: the left cut of an over-long question starts its search there.
+_MAX_CHARS_PER_TOKEN = 16
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -163,7 +174,7 @@ def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate,
     if fits(kept):
         return kept
     last = system + rest[starts[-1]:]
-    if fits(last):
+    if len(starts) > 1 and fits(last):  # with one exchange, last is kept: known not to fit
         first = _min_true(0, len(starts) - 1, lambda s: fits(system + rest[starts[s]:]))
         return system + rest[starts[first]:]
     question = rest[-1].content
@@ -176,12 +187,33 @@ def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate,
     if not fits(with_text(len(question))):
         raise ValueError(f"max_tokens={max_tokens} cannot hold the user prefix and the cue "
                          f"{template.cue!r} even with an empty question")
-    return with_text(_min_true(0, len(question), lambda k: fits(with_text(k))))
+
+    def cut_fits(k: int) -> bool:
+        return fits(with_text(k))
+
+    # Encoding a huge question ~log2(len) times would take seconds; a cut at or before this
+    # bound leaves too many characters to fit, so only the tail is searched (and if a
+    # tokenizer with longer pieces makes the bound fit after all, the range before it).
+    bound = max(0, len(question) - _MAX_CHARS_PER_TOKEN * (max_tokens + 1))
+    if bound and not cut_fits(bound):
+        return with_text(_min_true(bound, len(question), cut_fits))
+    return with_text(_min_true(0, bound or len(question), cut_fits))
+
+
+OnTruncate = Callable[[str], None] | None  # gets what was cut in one record
+
+
+def _report(on_truncate: OnTruncate, cuts: Sequence[str]) -> None:
+    """One call of `on_truncate` per record, with everything that was cut in it."""
+    if cuts and on_truncate is not None:
+        on_truncate("; ".join(cuts))
 
 
 def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: ChatTemplate,
-                max_length: int, max_turns: int | None) -> tuple[list[int], list[bool], int]:
-    """(prompt ids, is_answer flags, room for answer + EOS) under the answer/prompt split."""
+                max_length: int, max_turns: int | None, cuts: list[str]
+                ) -> tuple[list[int], list[bool], int]:
+    """(prompt ids, is_answer flags, room for answer + EOS) under the answer/prompt split;
+    appends "prompt cut from A to B tokens" to `cuts` when the prompt was cut."""
     room = max_length - 1  # after BOS
     if room < 2:
         raise ValueError(f"max_length must be at least 3, got {max_length}")
@@ -189,14 +221,17 @@ def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: C
     ids, flags = _encode(turns, tokenizer, template, cue=True)
     if len(ids) + answer_len + 1 > room:
         budget = max(room - answer_len - 1, min(len(ids), (room - 1) // 2))
+        full = len(ids)
         turns = truncate_context(turns, tokenizer, template, max_tokens=budget)
         ids, flags = _encode(turns, tokenizer, template, cue=True)
+        if len(ids) < full:
+            cuts.append(f"prompt cut from {full} to {len(ids)} tokens")
     return ids, flags, room - len(ids)
 
 
 def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTemplate(), *,
-               max_length: int, max_turns: int | None = None, train_on: str = "all"
-               ) -> tuple[list[int], list[float]]:
+               max_length: int, max_turns: int | None = None, train_on: str = "all",
+               on_truncate: OnTruncate = None) -> tuple[list[int], list[float]]:
     """Tokens and loss weights of one SFT dialogue: [bos] + rendered dialogue + [eos].
 
     Args:
@@ -208,6 +243,7 @@ def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTempl
             learn to stop there).
         max_turns: exchanges kept at most (the final one included), None = all.
         train_on: "all" trains every assistant answer kept, "last" only the final one.
+        on_truncate: called once with what was cut when prompt or answer had to be cut.
 
     Returns:
         `(tokens, weights)`: lists of n <= max_length ints and floats; `weights[j]` is the
@@ -217,11 +253,15 @@ def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTempl
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     answer = tokenizer.encode(dialogue.turns[-1].content)
+    cuts: list[str] = []
     ids, flags, room = _fit_prompt(dialogue.turns[:-1], len(answer), tokenizer, template,
-                                   max_length, max_turns)
+                                   max_length, max_turns, cuts)
     history = 1.0 if train_on == "all" else 0.0
     tokens = [tokenizer.bos_id] + ids
     weights = [0.0] + [history if f else 0.0 for f in flags]
+    if len(answer) + 1 > room:
+        cuts.append(f"answer cut from {len(answer)} to {room} tokens (no EOS)")
+    _report(on_truncate, cuts)
     if len(answer) + 1 <= room:
         return tokens + answer + [tokenizer.eos_id], weights + [1.0] * (len(answer) + 1)
     return tokens + answer[:room], weights + [1.0] * room
@@ -229,7 +269,7 @@ def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTempl
 
 def encode_comparison(comparison: Comparison, tokenizer,
                       template: ChatTemplate = ChatTemplate(), *, max_length: int,
-                      max_turns: int | None = None
+                      max_turns: int | None = None, on_truncate: OnTruncate = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The K reward-model sequences of a comparison: [bos] + prompt + answer + [eos] each.
 
@@ -243,25 +283,31 @@ def encode_comparison(comparison: Comparison, tokenizer,
         template: the `ChatTemplate`.
         max_length: T, the row length (at least 3).
         max_turns: exchanges of the context kept at most, None = all.
+        on_truncate: called once with what was cut when the prompt or a response was cut.
 
     Returns:
         `(tokens, lengths, order)`: int32 [K, max_length] right-padded with the pad id,
         int32 [K] real lengths, int32 [K] `comparison.order` (indices, best first).
     """
     answers = [tokenizer.encode(r) for r in comparison.responses]
+    cuts: list[str] = []
     ids, _, room = _fit_prompt(comparison.context, max(map(len, answers)), tokenizer,
-                               template, max_length, max_turns)
+                               template, max_length, max_turns, cuts)
     tokens = np.full((len(answers), max_length), tokenizer.pad_id, np.int32)
     lengths = np.zeros(len(answers), np.int32)
     for k, answer in enumerate(answers):
+        if len(answer) > room - 1:
+            cuts.append(f"response {k} cut from {len(answer)} to {room - 1} tokens")
         seq = [tokenizer.bos_id] + ids + answer[:room - 1] + [tokenizer.eos_id]
         tokens[k, :len(seq)] = seq
         lengths[k] = len(seq)
+    _report(on_truncate, cuts)
     return tokens, lengths, np.asarray(comparison.order, np.int32)
 
 
 def encode_prompt(prompt: Prompt, tokenizer, template: ChatTemplate = ChatTemplate(), *,
-                  max_length: int, max_turns: int | None = None) -> list[int]:
+                  max_length: int, max_turns: int | None = None,
+                  on_truncate: OnTruncate = None) -> list[int]:
     """[bos] + render_prompt(context), truncated to at most max_length ids (list of int).
 
     Where no truncation differs, the ids equal the prompt part of `encode_sft` and
@@ -274,12 +320,19 @@ def encode_prompt(prompt: Prompt, tokenizer, template: ChatTemplate = ChatTempla
         template: the `ChatTemplate`.
         max_length: at most this many ids, BOS included (truncation: module docstring).
         max_turns: exchanges kept at most, None = all.
+        on_truncate: called once with what was cut when the prompt had to be cut.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    turns = truncate_context(prompt.context, tokenizer, template, max_tokens=max_length - 1,
+    turns = truncate_context(prompt.context, tokenizer, template, max_tokens=None,
                              max_turns=max_turns)
-    return [tokenizer.bos_id] + _encode(turns, tokenizer, template, cue=True)[0]
+    ids = _encode(turns, tokenizer, template, cue=True)[0]
+    if len(ids) > max_length - 1:
+        full = len(ids)
+        turns = truncate_context(turns, tokenizer, template, max_tokens=max_length - 1)
+        ids = _encode(turns, tokenizer, template, cue=True)[0]
+        _report(on_truncate, [f"prompt cut from {full} to {len(ids)} tokens"])
+    return [tokenizer.bos_id] + ids
 
 
 def collate_comparisons(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,

@@ -12,10 +12,22 @@ cached by content: the same inputs reuse the built dataset). Reading a split bac
 Stored features: `roles`, `contents` (text lists: the dialogue's turns, or the context of a
 comparison or prompt) and `source` (text, "path:line" of the input record); comparisons add
 `responses` (text list) and `order` (int list, best first).
+
+Bad input, as the builders answer it (the stages call them with `skip_malformed=False`):
+  malformed line (bad UTF-8 or JSON, missing or mistyped field, K < 2, bad ranking, ...)
+      `jsonl.DataFormatError` "path:line: reason"; with skip_malformed, skipped, counted
+      in `ParsedSource.skipped` and warned about.
+  empty final answer / response / question (`formats.empty_texts`)
+      kept (an empty answer is a legitimate, usually poor, response: HH-RLHF has some),
+      counted in `ParsedSource.empty` and warned about.
+  no records in a split (0-byte file, only blank lines, everything skipped), or a holdout
+      that would take every record: `jsonl.DataFormatError` naming the input files.
+Over-long contexts and answers are cut when encoded (`chat_encoding`), not here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -133,11 +145,23 @@ def example_to_record(kind: str, example: Mapping[str, Any]) -> formats.Record:
 
 class ParsedSource:
     """Random-access split whose items are `formats` dataclasses (Dialogue, Comparison or
-    Prompt); satisfies grain's RandomAccessDataSource protocol."""
+    Prompt); satisfies grain's RandomAccessDataSource protocol.
 
-    def __init__(self, source: tfds_builders.RecordSource, kind: str):
+    Attributes:
+        kind: "sft", "comparison" or "prompt".
+        skipped: `jsonl.SkipReport` of malformed lines skipped (only with skip_malformed).
+        empty: `jsonl.SkipReport` of records kept with an empty answer, response or
+            question (`formats.empty_texts`).
+    Both count the input files of the split they were given for (a held-out split: none).
+    """
+
+    def __init__(self, source: tfds_builders.RecordSource, kind: str,
+                 skipped: jsonl.SkipReport = jsonl.SkipReport(),
+                 empty: jsonl.SkipReport = jsonl.SkipReport()):
         self._source = source
         self.kind = kind
+        self.skipped = skipped
+        self.empty = empty
 
     def __len__(self) -> int:
         return len(self._source)
@@ -165,22 +189,44 @@ def _write_if_changed(path: str, text: str) -> None:
     os.replace(tmp_path, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Normalised:
+    """One split's input parsed and written: `path` of the normalised file, its `count` of
+    records, the `skipped` (malformed) and `empty` (kept) `"path:line: reason"` messages."""
+    path: str
+    count: int
+    skipped: tuple[str, ...]
+    empty: tuple[str, ...]
+
+
 def _normalise(kind: str, split: str, paths: jsonl.PathSpec, fmt: str, skip_malformed: bool,
-               out_dir: str) -> str:
-    """Parses one split's files and writes them normalised; returns the written path."""
+               out_dir: str) -> _Normalised:
+    """Parses one split's files and writes them normalised (raises/warns: module docstring)."""
     skipped: list[str] = []
-    lines = [json.dumps(record_to_example(record, f"{path}:{line_no}"), ensure_ascii=False)
-             for path, line_no, record in iter_records(
-                 paths, kind, fmt=fmt, on_skip=skipped.append if skip_malformed else None)]
+    empty: list[str] = []
+    lines = []
+    for path, line_no, record in iter_records(
+            paths, kind, fmt=fmt, on_skip=skipped.append if skip_malformed else None):
+        empty_parts = formats.empty_texts(record)
+        if empty_parts:
+            empty.append(f"{path}:{line_no}: empty {', '.join(empty_parts)}")
+        lines.append(json.dumps(record_to_example(record, f"{path}:{line_no}"),
+                                ensure_ascii=False))
     if skipped:
         warnings.warn(f"{split} split: skipped {len(skipped)} malformed {kind} record(s); "
                       f"first: {skipped[0]}", stacklevel=3)
+    if empty:
+        warnings.warn(f"{split} split: kept {len(empty)} {kind} record(s) with an empty "
+                      f"answer, response or question; first: {empty[0]}", stacklevel=3)
     if not lines:
-        raise ValueError(f"the {split} split of {paths!r} holds no {kind} records "
-                         f"({len(skipped)} malformed ones skipped)")
+        files = jsonl.resolve_paths(paths)
+        why = (f"{len(skipped)} malformed line(s) skipped, first: {skipped[0]}" if skipped
+               else jsonl.no_lines_reason(files))
+        raise jsonl.DataFormatError(f"{jsonl.describe_paths(files)}: the {split!r} split "
+                                    f"holds no {kind} records ({why})")
     out_path = os.path.join(out_dir, f"{split}.jsonl")
     _write_if_changed(out_path, "".join(line + "\n" for line in lines))
-    return out_path
+    return _Normalised(out_path, len(lines), tuple(skipped), tuple(empty))
 
 
 def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
@@ -203,12 +249,14 @@ def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
 
     Returns:
         {"train": ParsedSource, "eval": ParsedSource} ("eval" only when there is one); the
-        order of records is the order of the input lines.
+        order of records is the order of the input lines; `.skipped` and `.empty` count the
+        malformed lines skipped and the records kept with empty texts (module docstring).
 
     Raises:
         FileNotFoundError: a path spec matches no file.
-        jsonl.DataFormatError: a malformed record, naming the input `file:line`.
-        ValueError: a split left without records, or a bad name, kind or format.
+        jsonl.DataFormatError: a malformed record, naming the input `file:line`; a split
+            left without records, or a holdout that would take them all, naming the files.
+        ValueError: a bad name, kind or format.
     """
     if kind not in _FEATURES:
         raise ValueError(f"unknown record kind {kind!r}; kinds: {sorted(_FEATURES)}")
@@ -221,6 +269,10 @@ def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
     os.makedirs(out_dir, exist_ok=True)
     normalised = {split: _normalise(kind, split, paths, fmt, skip_malformed, out_dir)
                   for split, paths in split_paths.items()}
+    holdout = ("train", "eval", eval_percent) if eval_percent and not eval_paths else None
+    if holdout:  # checked here, where the error can name the user's files
+        tfds_builders.holdout_sizes(normalised["train"].count, eval_percent,
+                                    jsonl.resolve_paths(train_paths))
     features = _FEATURES[kind]
 
     def to_example(record: dict[str, Any], path: str, line_no: int) -> dict[str, Any]:
@@ -229,10 +281,13 @@ def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
 
     spec = tfds_builders.RecordSpec(name=f"{kind}:normalised-v{_NORMALISED_VERSION}",
                                     features=features, to_example=to_example)
-    holdout = ("train", "eval", eval_percent) if eval_percent and not eval_paths else None
-    sources = tfds_builders.build_jsonl_source(spec, normalised, data_dir, name=name,
-                                               holdout=holdout)
-    return {split: ParsedSource(source, kind) for split, source in sources.items()}
+    sources = tfds_builders.build_jsonl_source(
+        spec, {split: n.path for split, n in normalised.items()}, data_dir, name=name,
+        holdout=holdout)
+    reports = {split: (jsonl.SkipReport.of(n.skipped), jsonl.SkipReport.of(n.empty))
+               for split, n in normalised.items()}
+    return {split: ParsedSource(source, kind, *reports.get(split, ()))
+            for split, source in sources.items()}
 
 
 def build_sft_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,

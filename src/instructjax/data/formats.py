@@ -23,12 +23,18 @@ forming a permutation of 0..K-1 (a wrong length, a tie or a gap is an error). Th
 [1, 0, 2] give order (1, 0, 2). A chosen/rejected pair gives responses (chosen, rejected) and
 order (0, 1).
 
+Keys other than a format's own are ignored (real files carry ids and metadata: pCLUE's
+"answer_choices" and "type", CValues' "id_" and "domain_*"), unless they are another format's
+keys, which changes the detected format. A missing key is an error naming it, and naming a
+present key that looks like its misspelling ("traget" for "target").
+
 `fmt="auto"` picks the format from the keys (`detect_format`); naming a format skips that.
 Messages have role "user", "assistant" or "system": at most one system message, first; after
 it user and assistant turns alternate, starting with the user (ChatYuan's text form has no
 way to show two turns of one speaker in a row, so that is an error, not a silent merge).
 Contents are kept verbatim (pCLUE inputs keep their trailing "\\n答案："); empty contents are
-allowed. A "prompt" string is one user turn, unless it is an HH transcript (starts with
+allowed, and `empty_texts` names an empty final answer, response or question so that the
+dataset builders can count such records (they are kept: see `dialogue_sources`). A "prompt" string is one user turn, unless it is an HH transcript (starts with
 "\\n\\nHuman:"), which is split into turns as below.
 
 HH transcripts: turns start at "\\n\\nHuman:" and "\\n\\nAssistant:" (an inline "  Human:"
@@ -53,6 +59,9 @@ ROLES = ("system", "user", "assistant")
 KINDS = {"sft": ("pclue", "messages"), "comparison": ("ranked", "pair", "hh"),
          "prompt": ("prompt", "messages")}
 _HH_HUMAN, _HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+# Every key some format reads, for the misspelling hint of `detect_format`.
+_KNOWN_KEYS = ("messages", "input", "target", "prompt", "responses", "ranking", "chosen",
+               "rejected")
 
 
 # ------------------------------------------------------------------------------ records
@@ -147,6 +156,21 @@ class Prompt:
 Record = Union[Dialogue, Comparison, Prompt]
 
 
+def empty_texts(record: Record) -> tuple[str, ...]:
+    """What a parsed record holds empty (or only whitespace) where its content matters.
+
+    Returns:
+        Names for messages: "answer" (a Dialogue's final assistant turn), "response i"
+        (each empty response of a Comparison, i from 0), "question" (a Prompt's final user
+        turn); () when nothing is empty.
+    """
+    if isinstance(record, Dialogue):
+        return ("answer",) if not record.turns[-1].content.strip() else ()
+    if isinstance(record, Comparison):
+        return tuple(f"response {i}" for i, r in enumerate(record.responses) if not r.strip())
+    return ("question",) if not record.context[-1].content.strip() else ()
+
+
 # ------------------------------------------------------------------------------ parsing
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -171,7 +195,8 @@ def detect_format(record: dict[str, Any]) -> str:
     if "prompt" in keys:
         return "prompt"
     raise ValueError(f"unknown record format: keys {sorted(keys)}; expected 'messages', "
-                     "'input'+'target', 'prompt', 'responses'+'ranking' or 'chosen'+'rejected'")
+                     "'input'+'target', 'prompt', 'responses'+'ranking' or 'chosen'+'rejected'"
+                     + jsonl.misspelling_hint(keys, _KNOWN_KEYS))
 
 
 def _messages(value: Any) -> tuple[Turn, ...]:
@@ -185,7 +210,8 @@ def _messages(value: Any) -> tuple[Turn, ...]:
             raise ValueError(f"message {i} must be an object, got {type(m).__name__}")
         for key in ("role", "content"):
             if key not in m:
-                raise ValueError(f"message {i} has no {key!r} (keys {sorted(m)})")
+                raise ValueError(f"message {i} has no {key!r} (keys {sorted(m)}"
+                                 f"{jsonl.misspelling_hint(m, ('role', 'content'))})")
             if not isinstance(m[key], str):
                 raise ValueError(f"message {i}: {key!r} must be str, got "
                                  f"{type(m[key]).__name__}")
@@ -197,7 +223,8 @@ def _messages(value: Any) -> tuple[Turn, ...]:
 
 def _field(record: dict[str, Any], name: str, type_: type) -> Any:
     if name not in record:
-        raise ValueError(f"missing field {name!r} (the record has {sorted(record)})")
+        raise ValueError(f"missing field {name!r} (the record has {sorted(record)}"
+                         f"{jsonl.misspelling_hint(record, [name])})")
     value = record[name]
     if not isinstance(value, type_) or isinstance(value, bool):
         raise ValueError(f"field {name!r} must be {type_.__name__}, got {type(value).__name__}")
@@ -284,7 +311,8 @@ def _parse(record: dict[str, Any], fmt: str) -> Record:
     if fmt == "ranked":
         responses = _field(record, "responses", list)
         if len(responses) < 2:
-            raise ValueError(f"'responses' needs at least 2 answers, got {len(responses)}")
+            raise ValueError(f"field 'responses' needs at least 2 answers to rank (K >= 2), "
+                             f"got {len(responses)}")
         if not all(isinstance(r, str) for r in responses):
             raise ValueError("'responses' must be a list of str")
         order = _order_from_ranking(_field(record, "ranking", list), len(responses))

@@ -3,16 +3,25 @@
 Every data format of the project (text, SFT dialogues, comparisons, prompts) is one JSON
 object per line. This module finds the files (a file, a glob or a directory), yields the
 records with their location, and turns every problem into a `DataFormatError` whose message
-starts with `path:line:` so a user can open the offending line directly.
+starts with `path:line:` so a user can open the offending line directly; problems of a whole
+file (no records at all) name the file instead.
+
+What a reader accepts from any user file: UTF-8 only (another encoding, e.g. GBK, is refused
+at the first line that is not valid UTF-8); a UTF-8 byte-order mark at the start of a file,
+which Windows editors write, is dropped; blank lines are skipped (a 0-byte file or one of
+blank lines yields no record, and the callers that need records refuse it naming the file);
+lines of any length (one line is held in memory at a time).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
 PathSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -24,7 +33,64 @@ _GLOB_CHARS = ("*", "?", "[")
 
 
 class DataFormatError(ValueError):
-    """A data record is malformed; the message starts with `path:line:`."""
+    """User data is unusable: a record (the message starts with `path:line:`) or a whole file
+    or set of files (the message starts with their names). A ValueError, so existing handlers
+    still catch it; the command line prints it as one `error:` line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipReport:
+    """Records left out on purpose, so that nothing is dropped unseen.
+
+    Attributes:
+        count: how many records were left out.
+        first: `"path:line: reason"` of the first few of them (at most `SHOWN`).
+    """
+    count: int = 0
+    first: tuple[str, ...] = ()
+
+    SHOWN = 10
+
+    @classmethod
+    def of(cls, messages: Sequence[str]) -> "SkipReport":
+        """The report of a list of `"path:line: reason"` messages."""
+        return cls(len(messages), tuple(messages[:cls.SHOWN]))
+
+    def summary(self) -> str:
+        """E.g. `"3 record(s); first: a.jsonl:4: empty text"` ("" when nothing was left out)."""
+        return f"{self.count} record(s); first: {self.first[0]}" if self.count else ""
+
+
+def describe_paths(paths: Iterable[str | os.PathLike]) -> str:
+    """The files of a message: one path, or the first three and how many more."""
+    paths = [os.fspath(p) for p in paths]
+    if len(paths) <= 3:
+        return ", ".join(paths)
+    return f"{', '.join(paths[:3])} and {len(paths) - 3} more"
+
+
+def no_lines_reason(paths: Sequence[str]) -> str:
+    """Why files gave no record: "the file is empty or holds only blank lines" (or plural)."""
+    if len(paths) == 1:
+        return "the file is empty or holds only blank lines"
+    return "the files are empty or hold only blank lines"
+
+
+def misspelling_hint(present: Iterable[str], wanted: Iterable[str]) -> str:
+    """`"; is 'txt' a misspelling of 'text'?"` for the first present key close to a wanted
+    key that is absent, else "" (appended to a missing-field message)."""
+    present, wanted = [k for k in present if isinstance(k, str)], list(wanted)
+    missing = [w for w in wanted if w not in present]
+    for key in present:
+        if key in wanted:
+            continue
+        # 0.75 catches one-letter slips and swaps ('traget', 'Text') but not other words
+        # that merely share letters ('text' is no misspelling of 'target').
+        close = [w for w in missing
+                 if difflib.SequenceMatcher(None, key.lower(), w).ratio() >= 0.75]
+        if close:
+            return f"; is {key!r} a misspelling of {close[0]!r}?"
+    return ""
 
 
 def resolve_paths(spec: PathSpec) -> list[str]:
@@ -100,7 +166,10 @@ def read_jsonl(spec: PathSpec) -> Iterator[tuple[str, int, dict[str, Any]]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataFormatError(f"{path}:{line_no}: invalid UTF-8 ({e.reason})") from None
+                    raise DataFormatError(
+                        f"{path}:{line_no}: invalid UTF-8 ({e.reason}); data files must be "
+                        "UTF-8: convert a GBK/GB18030 or UTF-16 file first, e.g. "
+                        "`iconv -f GBK -t UTF-8`") from None
                 if line_no == 1:
                     line = line.lstrip("\ufeff")  # a byte-order mark some editors write
                 if not line.strip():
@@ -135,11 +204,12 @@ def require_field(record: dict[str, Any], name: str, path: str, line_no: int,
         The field value.
 
     Raises:
-        DataFormatError: `"{path}:{line_no}: ..."` naming the missing or mistyped field.
+        DataFormatError: `"{path}:{line_no}: ..."` naming the missing or mistyped field (and
+            a present key that looks like a misspelling of a missing one).
     """
     if name not in record:
-        raise DataFormatError(
-            f"{path}:{line_no}: missing field {name!r} (the record has {sorted(record)})")
+        raise DataFormatError(f"{path}:{line_no}: missing field {name!r} (the record has "
+                              f"{sorted(record)}{misspelling_hint(record, [name])})")
     value = record[name]
     types = type_ if isinstance(type_, tuple) else (type_,)
     is_bool_mismatch = isinstance(value, bool) and bool not in types

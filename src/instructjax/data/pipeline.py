@@ -12,7 +12,8 @@ A batch is a dict of [B, T] arrays (docs/interfaces-draft.md, "Batches"):
 
 Packing is greedy and keeps documents whole: a document goes into the current row if it
 fits in the space left, else it starts a new row (the rest of the old row is padding). A
-document longer than T is cut into T-token chunks first, each packed as its own segment.
+document longer than T is cut into T-token chunks first, each packed as its own segment (a
+text of any length, e.g. a 10 MB line, is tokenized whole and then cut).
 
 `make_lm_batches` runs in-process, without worker processes: grain does
 source -> this process's shard -> shuffle(seed, reshuffled each epoch) -> repeat ->
@@ -34,6 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from instructjax.data.jsonl import DataFormatError
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _STATE_FORMAT = 1
@@ -218,6 +221,15 @@ class LMBatchIterator:
             self._next_chunk = state["chunk"]
 
 
+def _empty_shard_error(source: Sequence[Any], shard_index: int, shard_count: int,
+                       what: str) -> DataFormatError:
+    # Too little user data for the number of processes, hence a data error (one line at the
+    # command line), naming the source (its repr names the dataset and split).
+    return DataFormatError(f"{source!r}: shard {shard_index} of {shard_count} holds no "
+                           f"{what} (the source has {len(source)}); give at least "
+                           f"{shard_count} records or run fewer processes")
+
+
 def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: int,
                     batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                     num_epochs: int | None = None, text_field: str = "text",
@@ -256,8 +268,7 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} holds no documents "
-                         f"(the source has {len(source)})")
+        raise _empty_shard_error(source, shard_index, shard_count, "documents")
     if shuffle:
         ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs)
@@ -388,8 +399,7 @@ def make_example_batches(source: Sequence[Any], to_example, *, batch_size: int, 
 
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} holds no examples "
-                         f"(the source has {len(source)})")
+        raise _empty_shard_error(source, shard_index, shard_count, "examples")
     if shuffle:
         ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs).map(to_example)

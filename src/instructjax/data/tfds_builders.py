@@ -11,6 +11,14 @@ A build is cached under `data_dir/<name>/<fingerprint>/`, where the fingerprint 
 spec and the content of the input files: calling again with the same inputs reuses it,
 changed inputs build a fresh copy beside it.
 
+Bad input: a malformed record is a `jsonl.DataFormatError` naming `file:line` (nothing is
+marked complete, so the next call retries). A record the spec leaves out on purpose
+(`SkipRecord`, e.g. an empty pretraining text) is counted: the split's `RecordSource.skipped`
+holds the count and the first few `file:line: reason` messages, saved beside the build so a
+cached build reports it too, and a warning states it on every call. A split left without
+records (empty files, files of blank lines, every record skipped, a holdout that takes
+everything) is a `DataFormatError` naming the files.
+
 tensorflow_datasets is imported lazily, so this module imports on machines without it.
 """
 
@@ -22,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,8 +39,14 @@ import numpy as np
 from instructjax.data import jsonl
 
 _VERSION = "1.0.0"
+_SKIPPED_FILE = "skipped-{split}.json"  # beside the TFDS data, one per split
 # Feature kinds a RecordSpec may use, and what each becomes when read back.
 FEATURE_KINDS = ("text", "int", "float", "text_list", "int_list", "float_list")
+
+
+class SkipRecord(Exception):
+    """Raised by a `RecordSpec.to_example` to leave a record out (counted, not an error); the
+    message is `"path:line: reason"`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +59,8 @@ class RecordSpec:
         features: example field -> kind, one of FEATURE_KINDS ("text" is read back as str,
             "int"/"float" as Python numbers, "*_list" as lists).
         to_example: `(record, path, line_no) -> example dict` with exactly the `features`
-            keys; raises `jsonl.DataFormatError` naming `path:line_no` for a bad record.
+            keys; raises `jsonl.DataFormatError` naming `path:line_no` for a bad record, or
+            `SkipRecord` for one to leave out (counted in `RecordSource.skipped`).
     """
     name: str
     features: Mapping[str, str]
@@ -58,10 +74,19 @@ class RecordSpec:
 
 
 def text_spec(text_field: str = "text") -> RecordSpec:
-    """Pretraining text: the str field `text_field` of each record, stored as "text"."""
+    """Pretraining text: the str field `text_field` of each record, stored as "text".
+
+    Other fields are ignored. A missing or non-str field is an error; an empty or
+    whitespace-only text is skipped and counted (it would train only "BOS then EOS").
+    A text of any length is kept whole; packing cuts it into seq_len chunks.
+    """
     def to_example(record: dict[str, Any], path: str, line_no: int) -> dict[str, Any]:
-        return {"text": jsonl.require_field(record, text_field, path, line_no, str)}
-    return RecordSpec(name=f"text:{text_field}", features={"text": "text"},
+        text = jsonl.require_field(record, text_field, path, line_no, str)
+        if not text.strip():
+            raise SkipRecord(f"{path}:{line_no}: empty {text_field!r}")
+        return {"text": text}
+    # ":skip-empty" keeps builds made before empty texts were skipped out of the cache.
+    return RecordSpec(name=f"text:{text_field}:skip-empty", features={"text": "text"},
                       to_example=to_example)
 
 
@@ -70,12 +95,18 @@ class RecordSource:
 
     TFDS returns text as UTF-8 bytes; this decodes them so that consumers see the same
     Python types as in the JSON records. Satisfies grain's RandomAccessDataSource protocol.
+
+    Attributes:
+        skipped: `jsonl.SkipReport` of the records the spec left out of this split (counted
+            in the split the input files were given for, not in a held-out split).
     """
 
-    def __init__(self, source: Any, features: Mapping[str, str], description: str):
+    def __init__(self, source: Any, features: Mapping[str, str], description: str,
+                 skipped: jsonl.SkipReport = jsonl.SkipReport()):
         self._source = source
         self._features = dict(features)
         self._description = description
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return len(self._source)
@@ -97,6 +128,53 @@ def _decode(value: Any, kind: str) -> Any:
     if kind in ("int_list", "float_list"):
         return [v.item() if isinstance(v, np.generic) else v for v in value]
     return value
+
+
+def holdout_sizes(total: int, percent: int, files: Sequence[str]) -> tuple[int, int]:
+    """(kept, held): the last `percent`% of `total` records, at least one, are held out.
+
+    Raises:
+        jsonl.DataFormatError: naming `files` when that leaves nothing to keep.
+    """
+    held = max(1, math.ceil(total * percent / 100))
+    if held >= total:
+        raise jsonl.DataFormatError(
+            f"{jsonl.describe_paths(files)}: holding out {percent}% of the {total} record(s) "
+            f"as the eval split leaves no train records; give separate eval files "
+            f"(data.eval_path), more records, or eval_percent=0 (no eval split)")
+    return total - held, held
+
+
+def _kept_examples(spec: RecordSpec, files: Sequence[str], skipped: list[str] | None = None):
+    """Yields `(path, line_no, example)` for the records of `files` that the spec keeps;
+    appends the message of each left-out one to `skipped` when given."""
+    for path, line_no, record in jsonl.read_jsonl(files):
+        try:
+            example = spec.to_example(record, path, line_no)
+        except SkipRecord as e:
+            if skipped is not None:
+                skipped.append(str(e))
+            continue
+        yield path, line_no, example
+
+
+def _write_skipped(builder_dir: str, split: str, messages: Sequence[str]) -> None:
+    report = jsonl.SkipReport.of(messages)
+    os.makedirs(builder_dir, exist_ok=True)
+    path = os.path.join(builder_dir, _SKIPPED_FILE.format(split=split))
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump({"count": report.count, "first": list(report.first)}, f, ensure_ascii=False)
+    os.replace(tmp_path, path)
+
+
+def _read_skipped(builder_dir: str, split: str) -> jsonl.SkipReport:
+    path = os.path.join(builder_dir, _SKIPPED_FILE.format(split=split))
+    if not os.path.exists(path):  # a held-out split counts nothing
+        return jsonl.SkipReport()
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return jsonl.SkipReport(int(saved["count"]), tuple(saved["first"]))
 
 
 def _tfds():
@@ -146,6 +224,7 @@ def _builder_class():
             self._spec = spec
             self._split_files = dict(split_files)
             self._holdout = holdout
+            self._report_dir = data_dir  # the per-split skip reports go here
             super().__init__(data_dir=data_dir, file_format="array_record")
 
         def _info(self):
@@ -163,30 +242,40 @@ def _builder_class():
 
         def _split_generators(self, dl_manager):
             del dl_manager  # local files only, nothing to download
-            plans = {split: (files, 0, None) for split, files in self._split_files.items()}
+            plans = {split: (split, files, 0, None)
+                     for split, files in self._split_files.items()}
             if self._holdout is not None:
                 from_split, new_split, percent = self._holdout
                 files = self._split_files[from_split]
-                # Counted with read_jsonl itself, so its blank-line rule holds here too.
-                total = sum(1 for _ in jsonl.read_jsonl(files))
-                held = max(1, math.ceil(total * percent / 100))
-                if held >= total:
-                    raise ValueError(
-                        f"holding out {percent}% of the {total} records of {files} leaves "
-                        f"no {from_split} records; give separate eval files or more data")
-                plans[from_split] = (files, 0, total - held)
-                plans[new_split] = (files, total - held, None)
+                # Counted by the same reading and skipping rules as the examples (and so
+                # malformed records fail here, before anything is written).
+                total = sum(1 for _ in _kept_examples(self._spec, files))
+                kept, _ = holdout_sizes(total, percent, files)
+                plans[from_split] = (from_split, files, 0, kept)
+                plans[new_split] = (new_split, files, kept, None)
             return {split: self._generate_examples(*plan) for split, plan in plans.items()}
 
-        def _generate_examples(self, files: list[str], start: int, stop: int | None):
-            """Examples of records start..stop-1 (stop None: to the end) of `files`."""
+        def _generate_examples(self, split: str, files: list[str], start: int,
+                               stop: int | None):
+            """Examples of kept records start..stop-1 (stop None: to the end) of `files`."""
             file_index = {path: i for i, path in enumerate(files)}
-            for index, (path, line_no, record) in enumerate(jsonl.read_jsonl(files)):
+            skipped: list[str] = []
+            count = 0
+            for index, (path, line_no, example) in enumerate(
+                    _kept_examples(self._spec, files, skipped)):
                 if index < start or (stop is not None and index >= stop):
                     continue
+                count += 1
                 # Keys sort in reading order, which disable_shuffling keeps.
-                yield (f"{file_index[path]:05d}:{line_no:010d}",
-                       self._spec.to_example(record, path, line_no))
+                yield f"{file_index[path]:05d}:{line_no:010d}", example
+            if count == 0:  # TFDS would fail with a bare assertion
+                why = (f"all {len(skipped)} left out, first: {skipped[0]}" if skipped else
+                       jsonl.no_lines_reason(files))
+                raise jsonl.DataFormatError(
+                    f"{jsonl.describe_paths(files)}: the {split!r} split holds no records "
+                    f"({why})")
+            # Written before TFDS marks the build complete, so a cached build has it.
+            _write_skipped(self._report_dir, split, skipped if start == 0 else [])
 
     return JsonlRecords
 
@@ -228,9 +317,13 @@ def build_jsonl_source(spec: RecordSpec, split_paths: Mapping[str, jsonl.PathSpe
 
     Raises:
         FileNotFoundError: a path spec matches no file.
-        ValueError: a bad name, or a holdout that would leave a split empty.
+        ValueError: a bad name or holdout argument.
         jsonl.DataFormatError: a malformed record, naming `file:line` (nothing is written
-            as complete, so the next call retries).
+            as complete, so the next call retries); a split without records or a holdout
+            that would leave none, naming the files.
+
+    Warns:
+        UserWarning: per split whose spec left records out, with the count and the first.
     """
     if not name or os.sep in name or name in (".", ".."):
         raise ValueError(f"dataset name must be a plain directory name, got {name!r}")
@@ -249,8 +342,13 @@ def build_jsonl_source(spec: RecordSpec, split_paths: Mapping[str, jsonl.PathSpe
                                data_dir=builder_dir)
     builder.download_and_prepare()  # returns at once when the dataset is already complete
     sources = builder.as_data_source()
-    return {split: RecordSource(sources[split], spec.features, f"{name}/{split}")
-            for split in splits}
+    out = {}
+    for split in splits:
+        skipped = _read_skipped(builder_dir, split)
+        if skipped.count:
+            warnings.warn(f"{name}/{split}: left out {skipped.summary()}", stacklevel=2)
+        out[split] = RecordSource(sources[split], spec.features, f"{name}/{split}", skipped)
+    return out
 
 
 def build_text_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,
@@ -271,7 +369,12 @@ def build_text_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | 
 
     Returns:
         {"train": source, "eval": source} ("eval" only when there is one); each
-        `source[i]` is `{"text": str}` and `len(source)` is the number of records.
+        `source[i]` is `{"text": str}` and `len(source)` is the number of records;
+        `source.skipped` counts the empty texts left out (`text_spec`).
+
+    Raises:
+        jsonl.DataFormatError: as in `build_jsonl_source` (a record without a str
+            `text_field`, a split without texts, a holdout that would take them all).
     """
     split_paths: dict[str, Any] = {"train": train_paths}
     holdout = None

@@ -142,8 +142,19 @@ def _is_path_spec(value: Any) -> bool:
 
 
 def _texts_from_files(spec: jsonl.PathSpec, text_field: str) -> Iterator[str]:
+    # Whitespace-only texts are left out, as the pretraining dataset leaves them out
+    # (tfds_builders.text_spec), so both see the same corpus.
     for path, line_no, record in jsonl.read_jsonl(spec):
-        yield jsonl.require_field(record, text_field, path, line_no, str)
+        text = jsonl.require_field(record, text_field, path, line_no, str)
+        if text.strip():
+            yield text
+
+
+def _no_text_message(files: list[str] | None, text_field: str) -> str:
+    if files is None:
+        return "train_tokenizer: the corpus holds no text (every document given is empty)"
+    return (f"{jsonl.describe_paths(files)}: the tokenizer corpus holds no text (no record, "
+            f"or only empty {text_field!r} fields); give at least one non-empty text")
 
 
 def train_tokenizer(
@@ -179,19 +190,24 @@ def train_tokenizer(
         The trained `Tokenizer`, with pad=0, unk=1, bos=2, eos=3.
 
     Raises:
-        ValueError: no text, an unknown model type, or a vocabulary too small for the
-            required pieces (256 bytes + specials + characters).
+        jsonl.DataFormatError (a ValueError): the corpus holds no text, naming its files
+            (0-byte files, blank lines and empty texts are no text); a malformed record
+            (`jsonl.read_jsonl`, `jsonl.require_field`), naming `file:line`.
+        ValueError: an unknown model type, or a vocabulary too small for the required
+            pieces (256 bytes + specials + characters).
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    files = None
     if _is_path_spec(texts_or_files):
-        texts = _texts_from_files(texts_or_files, text_field)
+        files = jsonl.resolve_paths(texts_or_files)
+        texts = _texts_from_files(files, text_field)
     else:
         texts = texts_or_files
     sentences = _training_sentences(texts)
     first = next(sentences, None)
     if first is None:
-        raise ValueError("train_tokenizer: the corpus holds no text")
+        raise jsonl.DataFormatError(_no_text_message(files, text_field))
 
     def all_sentences():
         yield first
