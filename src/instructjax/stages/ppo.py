@@ -41,7 +41,8 @@ from instructjax.rlhf import rollout
 from instructjax.stages import common, reward, sft
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import metrics as metrics_lib
-from instructjax.train import optim, preemption as preemption_lib, state as state_lib
+from instructjax.train import divergence, optim, preemption as preemption_lib
+from instructjax.train import state as state_lib
 from instructjax.train.losses import lm_loss_fn
 
 
@@ -160,6 +161,31 @@ def frozen_checksums(ref_params, rm_params) -> tuple[float, float]:
     return float(ref_sum), float(rm_sum)
 
 
+def update_means(update_stats: list[dict]) -> dict[str, float]:
+    """Per-iteration means of the minibatch update stats, plus the first minibatch's ratio
+    (exactly 1 when the rollout and update log-probs agree); {} when no update ran."""
+    if not update_stats:
+        return {}
+    means = {k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]}
+    return {**means, "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
+
+
+def guard_iteration(guard: divergence.BadStepGuard, writer, iteration: int, stats: dict,
+                    position: dict, last_saved: int | None) -> bool:
+    """True when `stats` hold a non-finite watched value and the iteration is skipped.
+
+    The stats are written to the metrics first (the record of what went wrong), then the
+    guard skips (within train.max_bad_steps) or raises DivergenceError naming the iteration,
+    the metric and the prompt position.
+    """
+    if not divergence.nonfinite_names(stats):
+        return False
+    writer.write(iteration, "diverged", stats)
+    writer.flush()
+    return guard.check(iteration, stats, position=position, last_checkpoint=last_saved,
+                       unit="iteration")
+
+
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
                    max_turns: int) -> dict[str, np.ndarray]:
     """One prompt -> left-padded {"tokens" int32 [P], "mask" int32 [P]}."""
@@ -244,13 +270,17 @@ def run(config: Any, workdir: str) -> dict:
                 ptx_batches.set_state(meta["ptx_state"])
             kl_state = kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
             writer.truncate_after(start)
+            bad_steps = int(meta.get("bad_steps", 0))
             if is_main:
                 print(f"[ppo] resuming from iteration {start}", flush=True)
         else:
             state = state_lib.create_state(init_boxed, tx, shardings, int(config.seed),
                                            initial_params())
             kl_state = kl_lib.init_controller(kl_cfg)
-            start = 0
+            start, bad_steps = 0, 0
+            writer.truncate_after(-1)  # rows of an earlier attempt that saved no checkpoint
+        guard = divergence.BadStepGuard("ppo", int(config.train.max_bad_steps), bad_steps)
+        last_saved = start if restored is not None else None
         common.write_run_info(workdir, "ppo", policy_cfg,
                               {"reward_from": os.path.abspath(config.ppo.reward_from)})
 
@@ -293,6 +323,7 @@ def run(config: Any, workdir: str) -> dict:
 
                 # -- phase: rollout
                 t0 = time.perf_counter()
+                position = {"iteration": iteration, "prompt_state": prompt_batches.get_state()}
                 prompts = pipeline.make_global_batch(next(prompt_batches), mesh)
                 out = rollout.generate(
                     policy_model, rollout_params(state.params), prompts["tokens"], prompts["mask"],
@@ -320,11 +351,16 @@ def run(config: Any, workdir: str) -> dict:
                 experience, exp_stats = advantages_fn(
                     out.tokens, out.mask, out.response_mask, out.ended, old_logprobs, old_values,
                     ref_logprobs, raw_scores, kl_state.kl_coef, gain, bias)
+                exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
+                # a non-finite reward or KL poisons every advantage: no update this iteration
+                bad_rollout = guard_iteration(guard, writer, iteration + 1, exp_stats,
+                                              position, last_saved)
 
                 # -- phase: E epochs x M minibatches over the frozen buffer
                 t0 = time.perf_counter()
                 update_stats = []
-                for epoch in range(epochs):
+                bad_minibatches = 0
+                for epoch in range(epochs if not bad_rollout else 0):
                     # computed alike on every process, passed to `take` as a host array
                     order = np.asarray(jax.random.permutation(
                         jax.random.fold_in(shuffle_rng, epoch), rollout_batch))
@@ -336,27 +372,32 @@ def run(config: Any, workdir: str) -> dict:
                         # One update in flight at a time: CPU gloo collectives were seen to
                         # deadlock with dozens of queued cross-process programs; on accelerators
                         # the next update waits for this one's params anyway.
-                        update_stats.append(jax.block_until_ready(stats))
-                update_stats = jax.device_get(update_stats)
+                        stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+                        update_stats.append(stats)
+                        if divergence.nonfinite_names(stats):  # not applied (update guards it)
+                            bad_minibatches += 1
+                            if bad_minibatches == 1:  # counts once per iteration
+                                guard_iteration(guard, writer, iteration + 1, stats,
+                                                {**position, "epoch": epoch, "minibatch": m},
+                                                last_saved)
                 timings["time_training"] = time.perf_counter() - t0
 
                 # -- phase: KL controller, metrics, eval, checkpoint
-                exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
                 kl_coef_used = kl_state.kl_coef
-                kl_state = kl_lib.update_controller(kl_cfg, kl_state, jnp.float32(exp_stats["kl"]),
-                                                    rollout_batch)
+                if not bad_rollout:  # a NaN KL would stick in the adaptive coefficient
+                    kl_state = kl_lib.update_controller(kl_cfg, kl_state,
+                                                        jnp.float32(exp_stats["kl"]), rollout_batch)
                 # reduced on device: the rows may live on other processes
                 rollout_row = {k: float(v) for k, v in jax.device_get(
                     exp_lib.rollout_stats(entropy, out.response_mask, out.ended)).items()}
                 response_tokens = rollout_row.pop("response_tokens")
-                row = {**exp_stats, **timings, **rollout_row,
-                       **{k: float(np.mean([s[k] for s in update_stats])) for k in update_stats[0]},
+                row = {**exp_stats, **timings, **rollout_row, **update_means(update_stats),
                        "kl_coef": float(jax.device_get(kl_coef_used)),  # beta of this iteration
                        "rollout_tokens_per_sec": response_tokens / max(timings["time_generation"], 1e-9),
-                       "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
+                       "skipped_steps": guard.bad_steps, "skipped_minibatches": bad_minibatches}
                 done = iteration + 1
                 writer.write(done, "train", row)
-                progress.report(done, {"loss": row["loss"], **{k: row[k] for k in ("score", "kl")}})
+                progress.report(done, {k: row[k] for k in ("loss", "score", "kl") if k in row})
                 last = row
                 if done % int(config.train.eval_every) == 0 or done == iterations:
                     last = {**last, **evaluate(done)}
@@ -369,8 +410,9 @@ def run(config: Any, workdir: str) -> dict:
                     meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
                             "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
                             "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None,
-                            "process_count": jax.process_count()}
+                            "process_count": jax.process_count(), "bad_steps": guard.bad_steps}
                     checkpointer.save(done, state, meta)
+                    last_saved = done
                 if stop and not finished:
                     if is_main:
                         print(f"[ppo] SIGTERM: saved iteration {done}, exiting", flush=True)
