@@ -71,13 +71,14 @@ def test_malformed_jsonl_line_is_named(tmp_path):
 def test_pretrain_tiny_learns_then_skips_when_finished(tmp_path):
     workdir = tmp_path / "run"
     # the shipped config, shortened: the full 300-step run is the slow test below
-    out = run_cmd(["--config=configs/pretrain_tiny.py", "--config.train.steps=60",
-                   "--config.train.eval_every=30", "--config.train.warmup_steps=10"], workdir)
+    short = ["--config=configs/pretrain_tiny.py", "--config.train.steps=60",
+             "--config.train.eval_every=30", "--config.train.warmup_steps=10"]
+    out = run_cmd(short, workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     evals = eval_rows(workdir)
     assert [r["step"] for r in evals] == [0, 30, 60]
     assert evals[-1]["loss"] < 0.6 * evals[0]["loss"], evals
-    again = run_cmd(["--config=configs/pretrain_tiny.py", "--config.train.steps=60"], workdir)
+    again = run_cmd(short, workdir)
     assert again.returncode == 0
     assert "already finished" in again.stdout
 

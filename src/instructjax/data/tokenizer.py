@@ -47,7 +47,7 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
         got = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
         if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise ValueError(
+            raise jsonl.DataFormatError(
                 f"tokenizer {self._model_path}: special ids (pad, unk, bos, eos) are {got}, "
                 f"expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; train it with train_tokenizer")
 
@@ -193,8 +193,9 @@ def train_tokenizer(
         jsonl.DataFormatError (a ValueError): the corpus holds no text, naming its files
             (0-byte files, blank lines and empty texts are no text); a malformed record
             (`jsonl.read_jsonl`, `jsonl.require_field`), naming `file:line`.
-        ValueError: an unknown model type, or a vocabulary too small for the required
-            pieces (256 bytes + specials + characters).
+        ValueError: an unknown model type.
+        jsonl.DataFormatError: a vocabulary too small for the required pieces (256 bytes +
+            specials + characters), naming the corpus files and tokenizer.vocab_size.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -241,8 +242,11 @@ def train_tokenizer(
             num_threads=1,
             minloglevel=2,
         )
-    except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}): {e}") from e
+    except RuntimeError as e:  # e.g. vocab_size below 256 byte pieces + specials + characters
+        corpus = f" on {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}" if files else ""
+        raise jsonl.DataFormatError(
+            f"training the tokenizer{corpus} failed with tokenizer.vocab_size={vocab_size}: "
+            f"{e}") from e
 
     model_path = os.fspath(model_path)
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)

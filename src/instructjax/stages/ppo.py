@@ -200,6 +200,7 @@ def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_le
 def run(config: Any, workdir: str) -> dict:
     """Runs (or resumes, or skips if finished) PPO in `workdir`; returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
+    common.check_resume_config(config, workdir)  # before anything in workdir changes
     is_main = common.is_main_process()
     _, policy_cfg, tokenizer = common.init_from_stage(config, workdir, ("sft",))
     if not config.ppo.reward_from:

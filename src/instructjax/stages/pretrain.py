@@ -31,6 +31,7 @@ def corpus_paths(config: Any, workdir: str) -> tuple[list[str], list[str] | None
 def run(config: Any, workdir: str) -> loop.LoopResult:
     """Runs (or resumes, or skips if finished) pretraining in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
+    common.check_resume_config(config, workdir)  # before anything in workdir changes
     mesh = common.build_mesh(config)
     train_paths, eval_paths = corpus_paths(config, workdir)
     tokenizer = common.ensure_tokenizer(config, workdir, train_paths)

@@ -112,6 +112,7 @@ def _stat_prompts(config: Any, workdir: str) -> list[formats.Prompt]:
 def run(config: Any, workdir: str) -> loop.LoopResult:
     """Trains (or resumes, or skips) the reward model in `workdir` from the SFT stage."""
     os.makedirs(workdir, exist_ok=True)
+    common.check_resume_config(config, workdir)  # before anything in workdir changes
     _, model_cfg, tokenizer = common.init_from_stage(config, workdir, ("sft", "pretrain"))
     mesh = common.build_mesh(config)
     rm = RewardModel(model_cfg)

@@ -60,6 +60,7 @@ def eval_prompt_sets(config: Any, workdir: str) -> dict[str, list[formats.Prompt
 def run(config: Any, workdir: str) -> loop.LoopResult:
     """Runs (or resumes, or skips if finished) SFT in `workdir` from `config.init_from`."""
     os.makedirs(workdir, exist_ok=True)
+    common.check_resume_config(config, workdir)  # before anything in workdir changes
     info, model_cfg, tokenizer = common.init_from_stage(config, workdir, ("pretrain", "sft"))
     mesh = common.build_mesh(config)
     model = Transformer(model_cfg)

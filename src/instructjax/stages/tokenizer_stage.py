@@ -11,6 +11,8 @@ from instructjax.stages import common, pretrain
 def run(config: Any, workdir: str):
     """Trains the tokenizer on the stage's corpus (the demo corpus by default)."""
     os.makedirs(workdir, exist_ok=True)
+    common.check_resume_config(  # a trained tokenizer is this stage's progress
+        config, workdir, has_progress=os.path.exists(os.path.join(workdir, common.TOKENIZER_FILE)))
     train_paths, _ = pretrain.corpus_paths(config, workdir)
     tokenizer = common.ensure_tokenizer(config, workdir, train_paths)
     if common.is_main_process():
