@@ -193,7 +193,10 @@ def tree_differences(saved: Any, target: Any) -> list[tuple[str, str, str]]:
 def _is_out_of_memory(err: BaseException) -> bool:
     """Restoring into too little device memory is not a broken checkpoint; moving every
     checkpoint aside for it would silently restart the run."""
-    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+    text = str(err)
+    # tensorstore also says RESOURCE_EXHAUSTED for a full disk, with the OS error code
+    return isinstance(err, MemoryError) or \
+        ("RESOURCE_EXHAUSTED" in text and "os_error_code" not in text)
 
 
 class Checkpointer:
