@@ -17,8 +17,11 @@ lists each case with its test):
   step and the reason, from `save`, or for an asynchronous save from the next
   `save`/`wait`/`close`; the step is never committed and earlier checkpoints are untouched;
 - a process killed mid-save leaves only orbax's `<step>.orbax-checkpoint-tmp*` directory,
-  which is never listed as a step and is deleted when the next `Checkpointer` opens the
-  directory.
+  which is never listed as a step and is deleted by the next `Checkpointer` on the directory
+  (in the background; its first save waits for that).
+
+Callers catch `CheckpointMismatchError` (a `ValueError`) and `CheckpointSaveError` (a
+`RuntimeError`); `experiments/run.py` prints either as a one-line user error.
 """
 
 from __future__ import annotations
