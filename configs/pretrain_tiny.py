@@ -1,7 +1,7 @@
 """Pretrain the tiny LLaMA-style model on the built-in mixed Chinese/English demo corpus.
 
 Command:
-  python -m experiments.run --config=configs/pretrain_tiny.py --workdir=/tmp/ijx
+  python -m experiments.run --config=configs/pretrain_tiny.py --workdir=/tmp/ijx/pretrain
 Needs: any CPU (2 cores are enough). Takes about 2 minutes.
 Produces: WORKDIR/metrics.jsonl whose eval loss falls from ~7.6 (ln 2048) to under 2,
 WORKDIR/checkpoints/, WORKDIR/tokenizer.model, TensorBoard events.

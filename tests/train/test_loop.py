@@ -198,3 +198,29 @@ def test_grad_accumulation_matches_full_batch(tmp_path, mesh):
     # float32 sums in a different order: agreement to ~1e-6 relative
     chex.assert_trees_all_close(jax.device_get(accum.state.params),
                                 jax.device_get(full.state.params), rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_during_eval_saves_consistent_step_and_resume_is_bit_identical(
+        tmp_path, mesh, uninterrupted):
+    """SIGTERM while the step-4 eval runs: the eval finishes and is logged once, step 4 is
+    checkpointed, the run exits; resuming gives the uninterrupted run's state exactly."""
+    _, expected = uninterrupted
+    workdir = str(tmp_path)
+
+    def eval_then_signal(params, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"probe": float(step)}
+
+    task = make_task()
+    task.extra_eval = eval_then_signal
+    first = loop.run_supervised(task, train_cfg(), mesh, workdir, seed=0)
+    assert first.preempted and first.step == 4
+    assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))
+    task = make_task()
+    task.extra_eval = lambda params, step: {"probe": float(step)}
+    second = loop.run_supervised(task, train_cfg(), mesh, workdir, seed=0)
+    assert second.finished and second.step == 8
+    chex.assert_trees_all_equal(jax.device_get(second.state), expected)
+    evals = [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"]
+    assert evals == [0, 4, 8], evals  # the interrupted eval is neither lost nor repeated
