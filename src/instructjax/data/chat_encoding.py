@@ -34,6 +34,7 @@ cut, e.g. "prompt cut from 5000 to 61 tokens; answer cut from 90 to 2 tokens (no
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -201,6 +202,37 @@ def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate,
 
 
 OnTruncate = Callable[[str], None] | None  # gets what was cut in one record
+
+
+class TruncationLog:
+    """An `on_truncate` callback for a stage: counts cut records and says so as it goes.
+
+    Prints one line at the 1st, 2nd, 4th, 8th, ... cut (never a line per record), naming the
+    stage, the budget (e.g. "data.seq_len=128") and the first cut. Records are counted each
+    time they are read, so a record cut in every epoch counts once per epoch. Thread-safe (the
+    data pipeline encodes in a reader thread) and picklable (a copy counts on its own).
+    """
+
+    def __init__(self, stage: str, budget: str, *, echo: bool = True):
+        self.stage, self.budget, self.echo = stage, budget, echo
+        self.count, self.first = 0, None
+        self._lock = threading.Lock()
+
+    def __call__(self, detail: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.first = self.first or detail
+            count = self.count
+        if self.echo and count & (count - 1) == 0:  # a power of two
+            print(f"warning: [{self.stage}] {count} record(s) cut so far to fit {self.budget} "
+                  f"(first: {self.first})", flush=True)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def _report(on_truncate: OnTruncate, cuts: Sequence[str]) -> None:

@@ -30,11 +30,13 @@ REWARD_STATS = "reward_stats.json"
 
 
 def comparison_example(comparison: formats.Comparison, *, tokenizer, template, max_length: int,
-                       max_turns: int, num_responses: int) -> dict[str, np.ndarray]:
+                       max_turns: int, num_responses: int,
+                       on_truncate: chat_encoding.OnTruncate = None) -> dict[str, np.ndarray]:
     """One comparison -> {"tokens" [K, T], "lengths" [K], "ranks" [K]} padded to K."""
     batch = chat_encoding.collate_comparisons(
         [chat_encoding.encode_comparison(comparison, tokenizer, template, max_length=max_length,
-                                         max_turns=max_turns)], num_responses=num_responses)
+                                         max_turns=max_turns, on_truncate=on_truncate)],
+        num_responses=num_responses)
     return {name: value[0] for name, value in batch.items()}
 
 
@@ -127,7 +129,10 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     k = _num_responses(config, sources)
     to_example = functools.partial(comparison_example, tokenizer=tokenizer, template=template,
                                    max_length=seq_len, max_turns=int(config.chat.max_turns),
-                                   num_responses=k)
+                                   num_responses=k,
+                                   on_truncate=chat_encoding.TruncationLog(
+                                       "reward", f"data.seq_len={seq_len}",
+                                       echo=common.is_main_process()))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     per_process_batch = batch_size // jax.process_count()
 

@@ -30,11 +30,12 @@ def chat_template(config: Any) -> chat_encoding.ChatTemplate:
 
 
 def sft_document(dialogue: formats.Dialogue, *, tokenizer, template: chat_encoding.ChatTemplate,
-                 max_length: int, max_turns: int, train_on: str) -> dict[str, np.ndarray]:
+                 max_length: int, max_turns: int, train_on: str,
+                 on_truncate: chat_encoding.OnTruncate = None) -> dict[str, np.ndarray]:
     """One dialogue -> {"tokens" int32 [n], "loss_weights" float32 [n]} for packing."""
     tokens, weights = chat_encoding.encode_sft(dialogue, tokenizer, template,
                                                max_length=max_length, max_turns=max_turns,
-                                               train_on=train_on)
+                                               train_on=train_on, on_truncate=on_truncate)
     return {"tokens": np.asarray(tokens, np.int32), "loss_weights": np.asarray(weights, np.float32)}
 
 
@@ -74,7 +75,9 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
     to_document = functools.partial(
         sft_document, tokenizer=tokenizer, template=template, max_length=seq_len,
-        max_turns=int(config.chat.max_turns), train_on=str(config.sft.train_on))
+        max_turns=int(config.chat.max_turns), train_on=str(config.sft.train_on),
+        on_truncate=chat_encoding.TruncationLog("sft", f"data.seq_len={seq_len}",
+                                                echo=common.is_main_process()))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     per_process_batch = batch_size // jax.process_count()
 
