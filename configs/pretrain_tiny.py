@@ -3,7 +3,8 @@
 Command:
   python -m experiments.run --config=configs/pretrain_tiny.py --workdir=/tmp/ijx/pretrain
 Needs: any CPU (2 cores are enough). Takes about 2 minutes.
-Produces: WORKDIR/metrics.jsonl whose eval loss falls from ~7.6 (ln 2048) to under 2,
+Produces: WORKDIR/metrics.jsonl whose eval loss starts near 7.3 (a little above ln 1024 = 6.93,
+the vocabulary: random initial logits are not uniform) and falls under 1 (0.60 measured),
 WORKDIR/checkpoints/, WORKDIR/tokenizer.model, TensorBoard events.
 """
 
