@@ -95,8 +95,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from instructjax.stages.common import StageError
     from instructjax.train.checkpoint import CheckpointMismatchError, CheckpointSaveError
     from instructjax.train.divergence import DivergenceError
+    from instructjax.train.host_state import ProcessCountMismatchError
     return (StageError, MeshConfigError, DataFormatError, FileNotFoundError,
-            CheckpointMismatchError, CheckpointSaveError, DivergenceError)
+            CheckpointMismatchError, CheckpointSaveError, DivergenceError,
+            ProcessCountMismatchError)
 
 
 def main(argv):

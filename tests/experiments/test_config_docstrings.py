@@ -55,6 +55,7 @@ def test_docstring_commands_chain_their_workdirs():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # four full tiny stages: about 15 minutes on 2 idle cores
 def test_docstring_commands_run_as_written_in_sequence(tmp_path):
     """Runs the four commands (paths moved under tmp_path) and checks each docstring's claims
     that a test can read: pretrain's starting and final eval loss, the later stages' outputs."""

@@ -40,6 +40,7 @@ from instructjax.rlhf import kl as kl_lib
 from instructjax.rlhf import rollout
 from instructjax.stages import common, reward, sft
 from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import host_state
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import divergence, optim, preemption as preemption_lib
 from instructjax.train import state as state_lib
@@ -266,9 +267,11 @@ def run(config: Any, workdir: str) -> dict:
                     f"{workdir} was checkpointed by {meta.get('process_count', 1)} process(es); "
                     f"resume it with the same number (now {jax.process_count()}): each process's "
                     "data position belongs to its own shard")
-            prompt_batches.set_state(meta["prompt_state"])
+            prompt_batches.set_state(
+                host_state.state_from_meta(meta, "prompt_states", legacy_key="prompt_state"))
             if ptx_batches is not None:
-                ptx_batches.set_state(meta["ptx_state"])
+                ptx_batches.set_state(
+                    host_state.state_from_meta(meta, "ptx_states", legacy_key="ptx_state"))
             kl_state = kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
             writer.truncate_after(start)
             bad_steps = int(meta.get("bad_steps", 0))
@@ -405,12 +408,15 @@ def run(config: Any, workdir: str) -> dict:
                 finished = done == iterations
                 stop = preemption.should_stop(done)  # the same answer on every process
                 if finished or done % int(config.train.checkpoint_every) == 0 or stop:
-                    # Iterator positions: every process has drawn the same number of batches
-                    # from its own shard, so process 0's position (orbax writes the JSON from
-                    # process 0) is every process's position.
-                    meta = {"prompt_state": prompt_batches.get_state(), "finished": finished,
+                    # Every process's own iterator positions (orbax writes the JSON from
+                    # process 0; the packed ptx streams differ per shard). A collective: every
+                    # process saves at this iteration.
+                    prompt_states = host_state.gather_process_states(prompt_batches.get_state())
+                    ptx_states = (host_state.gather_process_states(ptx_batches.get_state())
+                                  if ptx_batches is not None else None)
+                    meta = {"prompt_states": prompt_states, "finished": finished,
                             "kl_coef": float(jax.device_get(kl_state.kl_coef)), "stage": "ppo",
-                            "ptx_state": ptx_batches.get_state() if ptx_batches is not None else None,
+                            "ptx_states": ptx_states,
                             "process_count": jax.process_count(), "bad_steps": guard.bad_steps}
                     checkpointer.save(done, state, meta)
                     last_saved = done

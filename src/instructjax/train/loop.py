@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from instructjax.data import pipeline as data_pipeline
 from instructjax.parallel import mesh as mesh_lib
 from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import host_state
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import optim, state as state_lib, step as step_lib
 from instructjax.train import preemption as preemption_lib
@@ -105,7 +106,8 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
                     ckpt_lib.export_params(workdir, state.params)  # killed before exporting
                 return LoopResult(state, start_step, finished=True, skipped=True)
-            train_batches.set_state(meta["data_state"])
+            train_batches.set_state(
+                host_state.state_from_meta(meta, "data_states", legacy_key="data_state"))
             writer.truncate_after(start_step)
             if is_main:
                 print(f"[{task.name}] resuming from step {start_step}", flush=True)
@@ -178,7 +180,9 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 finished = step == total_steps
                 stop = preemption.should_stop(step)  # the same answer on every process
                 if finished or step % int(train_cfg.checkpoint_every) == 0 or stop:
-                    checkpointer.save(step, state, {"data_state": train_batches.get_state(),
+                    # every process's own data position (a collective: all save this step)
+                    data_states = host_state.gather_process_states(train_batches.get_state())
+                    checkpointer.save(step, state, {"data_states": data_states,
                                                     "finished": finished, "stage": task.name})
                 if stop and not finished:
                     preempted = True
