@@ -188,10 +188,11 @@ def guard_iteration(guard: divergence.BadStepGuard, writer, iteration: int, stat
 
 
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
-                   max_turns: int) -> dict[str, np.ndarray]:
+                   max_turns: int, on_truncate: chat_encoding.OnTruncate = None
+                   ) -> dict[str, np.ndarray]:
     """One prompt -> left-padded {"tokens" int32 [P], "mask" int32 [P]}."""
     ids = chat_encoding.encode_prompt(prompt, tokenizer, template, max_length=max_prompt_len,
-                                      max_turns=max_turns)
+                                      max_turns=max_turns, on_truncate=on_truncate)
     tokens, mask = pipeline.left_pad([ids], tokenizer.pad_id, max_prompt_len)
     return {"tokens": tokens[0], "mask": mask[0]}
 
@@ -446,7 +447,10 @@ def _data(config: Any, workdir: str, tokenizer, template, hp: exp_lib.PPOHyper):
         eval_percent=int(config.data.eval_percent))
     to_example = functools.partial(prompt_example, tokenizer=tokenizer, template=template,
                                    max_prompt_len=hp.prompt_len,
-                                   max_turns=int(config.chat.max_turns))
+                                   max_turns=int(config.chat.max_turns),
+                                   on_truncate=chat_encoding.TruncationLog(
+                                       "ppo", f"ppo.max_prompt_len={hp.prompt_len}",
+                                       echo=common.is_main_process()))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     prompt_batches = pipeline.make_example_batches(
         prompt_sources["train"], to_example,
