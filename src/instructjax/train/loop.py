@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from instructjax.data import pipeline as data_pipeline
 from instructjax.parallel import mesh as mesh_lib
 from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import divergence
 from instructjax.train import host_state
 from instructjax.train import metrics as metrics_lib
 from instructjax.train import optim, state as state_lib, step as step_lib
@@ -109,12 +110,17 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
             train_batches.set_state(
                 host_state.state_from_meta(meta, "data_states", legacy_key="data_state"))
             writer.truncate_after(start_step)
+            bad_steps = int(meta.get("bad_steps", 0))
             if is_main:
                 print(f"[{task.name}] resuming from step {start_step}", flush=True)
         else:
             initial = task.load_initial_params() if task.load_initial_params else None
             state = state_lib.create_state(task.init_params_boxed, tx, shardings, seed, initial)
-            start_step = 0
+            start_step, bad_steps = 0, 0
+            writer.truncate_after(-1)  # rows of an earlier attempt that saved no checkpoint
+        guard = divergence.BadStepGuard(task.name, int(train_cfg.get("max_bad_steps", 0)),
+                                        bad_steps)
+        last_saved = start_step if restored is not None else None
 
         train_step = eval_step = None  # jitted on first use, when batch shapes are known
         eval_batches: list[dict] | None = None
@@ -146,9 +152,9 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
         if start_step == 0:
             run_eval(state.params, 0)
         preempted = False
-        multi_process_cpu = jax.process_count() > 1 and jax.default_backend() == "cpu"
         with preemption_lib.Preemption() as preemption:
             while step < total_steps:
+                position = {"batch": step, "data_state": train_batches.get_state()}
                 host_batch = next(train_batches)
                 if train_step is None:
                     train_step = step_lib.jit_train_step(
@@ -160,12 +166,15 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                     state, metrics = train_step(state, batch)
                 step += 1
 
-                if multi_process_cpu:
-                    # CPU collectives across processes deadlock when many cross-process programs
-                    # are queued (measured: 30 fine, 100 hung), so run one step at a time there.
-                    jax.block_until_ready(state)
-                if step % log_every == 0 or step == total_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # One small transfer per step (also keeps one step at a time in flight, which
+                # CPU collectives across processes need: 30 queued programs were fine, 100 hung).
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics["skipped_steps"] = guard.bad_steps
+                if divergence.nonfinite_names(metrics):
+                    writer.write(step, "train", metrics)  # on record before skip-or-stop
+                    writer.flush()
+                    guard.check(step, metrics, position=position, last_checkpoint=last_saved)
+                elif step % log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
                     metrics["steps_per_sec"] = rate
@@ -183,7 +192,9 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                     # every process's own data position (a collective: all save this step)
                     data_states = host_state.gather_process_states(train_batches.get_state())
                     checkpointer.save(step, state, {"data_states": data_states,
-                                                    "finished": finished, "stage": task.name})
+                                                    "finished": finished, "stage": task.name,
+                                                    "bad_steps": guard.bad_steps})
+                    last_saved = step
                 if stop and not finished:
                     preempted = True
                     if is_main:
