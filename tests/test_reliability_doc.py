@@ -4,6 +4,8 @@ parametrize ids it quotes), and no row says the project crashes or stays silent.
 import ast
 import os
 import re
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "reliability.md")
@@ -33,6 +35,19 @@ def test_every_row_names_an_existing_test():
             if not os.path.exists(os.path.join(REPO, path)) or name not in defined_tests(path):
                 missing.append(f"{path}::{name}")
     assert not missing, missing
+
+
+def test_quoted_parametrize_ids_are_collected():
+    """`path::name[id]` in the doc must be a test pytest collects (slow ones included)."""
+    quoted = {f"{path}::{name}{param}" for row in table_rows()
+              for path, name, param in TEST_ID.findall(row) if param}
+    files = sorted({q.split("::")[0] for q in quoted})
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-m", "slow or not slow", "-p", "no:cacheprovider", *files],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    collected = {line.strip() for line in out.stdout.splitlines() if "::" in line}
+    assert collected, out.stdout[-2000:] + out.stderr[-2000:]
+    assert not quoted - collected, sorted(quoted - collected)
 
 
 def test_no_row_says_crash_or_silent():

@@ -5,7 +5,7 @@ Each test goes through the functions a stage calls (`tfds_builders.build_text_so
 `chat_encoding.encode_*`) and asserts what the user sees: a `jsonl.DataFormatError` whose
 message starts with `file:line:` (or the file, for a whole-file problem) and names the
 field, or a record kept or left out with a count the caller can read and a warning.
-docs/reliability_data_rows.md lists the cases with these tests' ids.
+docs/reliability.md ("Bad input files") lists the cases with these tests' ids.
 """
 
 import json

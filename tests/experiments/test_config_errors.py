@@ -62,7 +62,7 @@ def test_batch_that_does_not_divide_the_mesh(tmp_path):
     out = run_cmd(["--config=configs/pretrain_tiny.py", "--config.train.batch_size=3",
                    "--config.mesh.data=2"], tmp_path,
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert_one_line_error(out, "batch", "3")
+    assert_one_line_error(out, "batch_size 3", "must divide over the batch axes data x fsdp = 2")
 
 
 def test_empty_corpus_file_is_one_line_naming_it(tmp_path):

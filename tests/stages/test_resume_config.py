@@ -124,3 +124,43 @@ def test_command_refuses_changed_model_keeps_everything_then_extends(tmp_path):
     assert "resuming from step 6" in longer.stdout
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 10))
+
+
+def test_paths_relative_absolute_or_moved_run_still_resume(tmp_path, monkeypatch):
+    """The pipeline wires init_from / reward_from / tokenizer.path from the workdir: the same
+    run reached by a relative path, or moved whole, is the same run."""
+    import shutil
+    root = tmp_path / "run"
+    config = base.get_base("ppo")
+    config.init_from = str(root / "sft")
+    config.ppo.reward_from = str(root / "reward")
+    common.check_resume_config(config, str(root / "ppo"))
+    make_checkpoint_dir(str(root / "ppo"), 3)
+    saved = json.loads((root / "ppo" / common.RUN_CONFIG).read_text())
+    assert saved["init_from"] == os.path.join("..", "sft")
+
+    monkeypatch.chdir(tmp_path)  # the same run through relative paths
+    relative = config.copy_and_resolve_references()
+    relative.init_from, relative.ppo.reward_from = "run/sft", "run/reward"
+    common.check_resume_config(relative, "run/ppo")
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(root), str(moved))
+    config.init_from, config.ppo.reward_from = str(moved / "sft"), str(moved / "reward")
+    common.check_resume_config(config, str(moved / "ppo"))
+
+    config.init_from = str(tmp_path / "another" / "sft")  # a different SFT model: refused
+    with pytest.raises(common.ConfigChangedError, match="init_from"):
+        common.check_resume_config(config, str(moved / "ppo"))
+
+
+def test_keys_added_by_a_schema_change_are_accepted_with_a_note(tmp_path, capsys):
+    workdir = str(tmp_path)
+    config = base.get_base("sft")
+    common.check_resume_config(config, workdir)
+    make_checkpoint_dir(workdir, 3)
+    saved = json.loads((tmp_path / common.RUN_CONFIG).read_text())
+    del saved["train.max_bad_steps"]  # as written by a version without that key
+    (tmp_path / common.RUN_CONFIG).write_text(json.dumps(saved))
+    common.check_resume_config(config, workdir)
+    assert "config schema changed" in capsys.readouterr().out

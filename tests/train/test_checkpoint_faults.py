@@ -4,7 +4,7 @@ that nothing committed is lost and that the failure is reported, never hidden.
 Covered: SIGKILL in the middle of a write, a truncated or emptied newest checkpoint, broken
 JSON metadata, no space left on the device (injected at orbax's Python writes, and a real full
 tmpfs where mounting is permitted), and a state of another shape (a changed config), which
-must not be treated as corruption. docs/reliability_checkpoint_rows.md lists them.
+must not be treated as corruption. docs/reliability.md ("Checkpoints") lists them.
 """
 
 import dataclasses
@@ -368,6 +368,23 @@ def test_enospc_async_save_surfaces_later(tmp_path, small, disk_full_for_step, s
     finally:
         checkpointer.close()  # a failure already raised is not raised twice
     assert_restores(directory, target, state, 1)
+
+
+def test_failed_background_save_does_not_replace_the_error_being_raised(
+        tmp_path, small, disk_full_for_step, capsys):
+    """Leaving the `with` block on an error (e.g. a DivergenceError) while a background save
+    failed: the caller sees its own error; the save failure is printed beside it."""
+    state, _ = small
+    directory = str(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        with ckpt_lib.Checkpointer(directory, async_save=True) as checkpointer:
+            checkpointer.save(1, with_step(state, 1), {"step": 1})
+            checkpointer.wait()
+            disk_freed = disk_full_for_step(2)
+            checkpointer.save(2, with_step(state, 2), {"step": 2})  # fails in the background
+            raise ZeroDivisionError("the run's own error")
+    disk_freed()
+    assert f"could not save checkpoint step 2 in {directory}" in capsys.readouterr().out
 
 
 @pytest.fixture

@@ -224,3 +224,52 @@ def test_sigterm_during_eval_saves_consistent_step_and_resume_is_bit_identical(
     chex.assert_trees_all_equal(jax.device_get(second.state), expected)
     evals = [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"]
     assert evals == [0, 4, 8], evals  # the interrupted eval is neither lost nor repeated
+
+
+def test_attempt_killed_before_its_first_checkpoint_restarts_with_its_rows_kept_aside(
+        tmp_path, mesh, uninterrupted):
+    """No checkpoint yet: the rerun starts at step 0; the rows the first attempt logged are
+    moved to metrics.jsonl.previous-* (not deleted, not mixed into the new run's rows)."""
+    _, expected = uninterrupted
+    workdir = str(tmp_path)
+
+    def die_at_2(position):
+        if position == 2:
+            raise RuntimeError("simulated kill before the first checkpoint")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        loop.run_supervised(make_task(die_at_2), train_cfg(), mesh, workdir, seed=0)
+    assert [r["step"] for r in read_metrics(workdir)] == [0]  # the step-0 eval
+    result = loop.run_supervised(make_task(), train_cfg(), mesh, workdir, seed=0)
+    chex.assert_trees_all_equal(jax.device_get(result.state), expected)
+    aside = glob.glob(os.path.join(workdir, "metrics.jsonl.previous-*"))
+    assert len(aside) == 1 and [r["step"] for r in read_metrics(aside[0])] == [0]
+    evals = [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"]
+    assert evals == [0, 4, 8]
+
+
+def test_logged_lr_follows_the_optimizer_count_after_skipped_steps():
+    """A skipped step leaves optax's count (and so the schedule) where it was; the logged lr
+    is the rate actually applied, not schedule(TrainState.step)."""
+    import optax
+    from instructjax.train import optim, step as step_lib
+    from instructjax.train.state import TrainState
+    cfg = optim.OptimConfig(learning_rate=1.0, total_steps=10, warmup_steps=10, decay="constant")
+    tx, schedule = optim.make_optimizer(cfg), optim.make_schedule(cfg)
+    params = {"w": jnp.ones((2,))}
+
+    def loss_fn(p, batch, rng):
+        return jnp.sum(p["w"] * batch["x"]), jnp.float32(1.0), {}
+
+    train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(0)))
+    lrs = []
+    for x in (1.0, np.nan, np.nan, 1.0):
+        state, metrics = train_step(state, {"x": jnp.full((2,), x, jnp.float32)})
+        lrs.append(float(metrics["lr"]))
+    # warmup: count 0 -> 0.0; then two skipped steps at count 1 (0.1, applied to nothing);
+    # the next good step is at count 1 again -> 0.1, where schedule(TrainState.step) says 0.3
+    np.testing.assert_allclose(lrs, [0.0, 0.1, 0.1, 0.1], atol=1e-6)
+    assert int(state.step) == 4
+    assert int(optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[0][1]) == 2

@@ -222,8 +222,13 @@ RUN_CONFIG = "config.json"  # the whole resolved config a run started with
 RESUME_MAY_CHANGE = (
     "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.max_bad_steps",
-    "model.remat_policy", "model.attention_impl", "eval.batch_size", "ppo.rollout_weights",
+    "model.remat_policy", "model.attention_impl", "eval.batch_size",
     "dry_run", "mesh.", "distributed.", "hardware.")
+# Keys holding file paths: recorded relative to the workdir when they are inside it or a
+# sibling of it (the pipeline's `../sft`, `../reward`, `../tokenizer/tokenizer.model`), so a
+# run directory given once relative and once absolute, or moved whole, still resumes.
+PATH_KEYS = ("init_from", "ppo.reward_from", "tokenizer.path", "data.path", "data.eval_path",
+             "ppo.ptx_data_path")
 
 
 class ConfigChangedError(StageError):
@@ -244,6 +249,21 @@ def flatten_config(config: Any) -> dict[str, Any]:
                 flat[f"{prefix}{key}"] = value
     walk(tree, "")
     return flat
+
+
+def normalize_paths(flat: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """`flat` with PATH_KEYS values made relative to `workdir` where they lie in it or in its
+    parent directory (at most one `..`), else absolute; empty values stay empty."""
+    base = os.path.realpath(workdir)
+    out = dict(flat)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or any(c in value for c in "*?["):
+            continue
+        absolute = os.path.realpath(value)
+        relative = os.path.relpath(absolute, base)
+        out[key] = relative if not relative.startswith(os.path.join("..", "..")) else absolute
+    return out
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -273,9 +293,10 @@ def check_resume_config(config: Any, workdir: str, *, has_progress: bool | None 
     """Records the config a run starts with; refuses to resume it with other settings.
 
     On a fresh start (no checkpoint, or `has_progress` False) WORKDIR/config.json is (re)written.
-    When there is progress to resume, the current config is compared with it: a change to any
-    key outside RESUME_MAY_CHANGE raises ConfigChangedError naming every changed key, before
-    anything in WORKDIR is touched. A longer `train.steps` is allowed and announced: the
+    When there is progress to resume, the current config is compared with it (paths as
+    `normalize_paths` records them): a change to any key outside RESUME_MAY_CHANGE raises
+    ConfigChangedError naming every changed key, before anything in WORKDIR is touched. A key
+    present on one side only (the schema changed between versions) is accepted with a note. A longer `train.steps` is allowed and announced: the
     schedule is recomputed for the new total, so from the resumed step on the learning rate
     follows the longer schedule (a stretched cosine is higher at that step than the old one
     was, and reaches min_lr_ratio at the new end). A shorter one than the newest checkpoint
@@ -285,7 +306,7 @@ def check_resume_config(config: Any, workdir: str, *, has_progress: bool | None 
     if has_progress is None:
         has_progress = bool(steps)
     path = os.path.join(workdir, RUN_CONFIG)
-    now = flatten_config(config)
+    now = normalize_paths(flatten_config(config), workdir)
     if not has_progress or not os.path.exists(path):
         if has_progress and is_main_process():
             print(f"note: {workdir} has no recorded config (written by an older version); "
@@ -295,7 +316,14 @@ def check_resume_config(config: Any, workdir: str, *, has_progress: bool | None 
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     changes = config_changes(saved, now)
-    refused = {k: v for k, v in changes.items() if not may_change_on_resume(k)}
+    # A key only one side has comes from a schema change between versions, not from the user
+    # (a misspelled key is refused before this): taken at its current value, announced.
+    schema = {k for k, (a, b) in changes.items() if "<absent>" in (a, b)}
+    if schema and is_main_process():
+        print(f"note: the config schema changed since {workdir} started (keys "
+              f"{', '.join(sorted(schema))}); resuming with the current values", flush=True)
+    refused = {k: v for k, v in changes.items()
+               if k not in schema and not may_change_on_resume(k)}
     if refused:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigChangedError(

@@ -283,7 +283,7 @@ def run(config: Any, workdir: str) -> dict:
                                            initial_params())
             kl_state = kl_lib.init_controller(kl_cfg)
             start, bad_steps = 0, 0
-            writer.truncate_after(-1)  # rows of an earlier attempt that saved no checkpoint
+            writer.start_fresh()  # rows of an earlier attempt are kept aside
         guard = divergence.BadStepGuard("ppo", int(config.train.max_bad_steps), bad_steps)
         last_saved = start if restored is not None else None
         common.write_run_info(workdir, "ppo", policy_cfg,

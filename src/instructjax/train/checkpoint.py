@@ -4,7 +4,7 @@ Each checkpoint holds two items: `state` (the TrainState pytree, sharded arrays)
 (JSON: the data iterator state, whether the stage finished, anything else the stage needs to
 resume exactly).
 
-What can go wrong, and what this module does about it (docs/reliability_checkpoint_rows.md
+What can go wrong, and what this module does about it (docs/reliability.md, "Checkpoints",
 lists each case with its test):
 
 - a checkpoint that cannot be read (truncated, emptied or missing files, broken JSON) is
@@ -361,8 +361,17 @@ class Checkpointer:
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Already leaving with an error (e.g. DivergenceError): a failed pending save is
+        # reported beside it, never in its place.
+        try:
+            self.close()
+        except CheckpointSaveError as save_error:
+            print(f"warning: {save_error}", flush=True)
+            logging.error("while handling %s: %s", exc_type.__name__, save_error)
 
 
 PARAMS_DIR = "params"  # a finished stage's exported parameters, read by later stages

@@ -117,7 +117,7 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
             initial = task.load_initial_params() if task.load_initial_params else None
             state = state_lib.create_state(task.init_params_boxed, tx, shardings, seed, initial)
             start_step, bad_steps = 0, 0
-            writer.truncate_after(-1)  # rows of an earlier attempt that saved no checkpoint
+            writer.start_fresh()  # rows of an earlier attempt are kept aside
         guard = divergence.BadStepGuard(task.name, int(train_cfg.get("max_bad_steps", 0)),
                                         bad_steps)
         last_saved = start_step if restored is not None else None
@@ -148,10 +148,35 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 print(f"[{task.name}] eval @ {step}: {shown}", flush=True)
             return result
 
+        def settle(step_done: int, device_metrics: dict, position: dict) -> None:
+            """Reads one step's metrics on the host: logs them, and skips or stops on a
+            non-finite loss / gradient norm (the step itself already changed nothing)."""
+            nonlocal last_log_time, last_log_step
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            metrics["skipped_steps"] = guard.bad_steps
+            if divergence.nonfinite_names(metrics):
+                writer.write(step_done, "train", metrics)  # on record before skip-or-stop
+                writer.flush()
+                guard.check(step_done, metrics, position=position, last_checkpoint=last_saved)
+            elif step_done % log_every == 0 or step_done == total_steps:
+                now = time.perf_counter()
+                rate = (step_done - last_log_step) / max(now - last_log_time, 1e-9)
+                metrics["steps_per_sec"] = rate
+                metrics["tokens_per_sec"] = rate * task.tokens_per_batch
+                last_log_time, last_log_step = now, step_done
+                writer.write(step_done, "train", metrics)
+                progress.report(step_done, metrics)
+
         step = start_step
         if start_step == 0:
             run_eval(state.params, 0)
         preempted = False
+        # A step's metrics are read one step late, while the device runs the next one, so the
+        # host never waits for the device except at log, eval and checkpoint steps (which
+        # settle first: nothing is evaluated or saved past an unread step). One step in
+        # flight also suits CPU collectives across processes (30 queued programs were fine,
+        # 100 hung).
+        pending = None
         with preemption_lib.Preemption() as preemption:
             while step < total_steps:
                 position = {"batch": step, "data_state": train_batches.get_state()}
@@ -165,30 +190,24 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
                 with mesh_lib.activate(mesh):
                     state, metrics = train_step(state, batch)
                 step += 1
+                if pending is not None:
+                    settle(*pending)
+                pending = (step, metrics, position)
 
-                # One small transfer per step (also keeps one step at a time in flight, which
-                # CPU collectives across processes need: 30 queued programs were fine, 100 hung).
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                metrics["skipped_steps"] = guard.bad_steps
-                if divergence.nonfinite_names(metrics):
-                    writer.write(step, "train", metrics)  # on record before skip-or-stop
-                    writer.flush()
-                    guard.check(step, metrics, position=position, last_checkpoint=last_saved)
-                elif step % log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                    metrics["steps_per_sec"] = rate
-                    metrics["tokens_per_sec"] = rate * task.tokens_per_batch
-                    last_log_time, last_log_step = now, step
-                    writer.write(step, "train", metrics)
-                    progress.report(step, metrics)
-
-                if step % int(train_cfg.eval_every) == 0 or step == total_steps:
+                is_eval = step % int(train_cfg.eval_every) == 0 or step == total_steps
+                is_checkpoint = step % int(train_cfg.checkpoint_every) == 0
+                if step % log_every == 0 or is_eval or is_checkpoint or step == total_steps:
+                    settle(*pending)
+                    pending = None
+                if is_eval:
                     run_eval(state.params, step)
 
                 finished = step == total_steps
                 stop = preemption.should_stop(step)  # the same answer on every process
-                if finished or step % int(train_cfg.checkpoint_every) == 0 or stop:
+                if finished or is_checkpoint or stop:
+                    if pending is not None:
+                        settle(*pending)
+                        pending = None
                     # every process's own data position (a collective: all save this step)
                     data_states = host_state.gather_process_states(train_batches.get_state())
                     checkpointer.save(step, state, {"data_states": data_states,

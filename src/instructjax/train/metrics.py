@@ -77,6 +77,18 @@ class MetricsWriter:
             f.writelines(kept)
         os.replace(tmp, self.path)
 
+    def start_fresh(self) -> str | None:
+        """A run starting at step 0 keeps no rows of an earlier attempt: an existing
+        metrics.jsonl (a run killed before its first checkpoint, or whose checkpoints were all
+        unreadable) is moved aside to `metrics.jsonl.previous-<time>`, never deleted.
+        Returns the new name, or None when there was nothing to move."""
+        if not self.enabled or not os.path.exists(self.path) or not os.path.getsize(self.path):
+            return None
+        aside = f"{self.path}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.path, aside)
+        print(f"note: {self.path} held rows of an earlier attempt; moved to {aside}", flush=True)
+        return aside
+
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Appends one row `{"step", "split", **metrics}` and mirrors it to TensorBoard."""
         if not self.enabled:

@@ -71,6 +71,16 @@ def _finish_stats(stats: dict) -> dict:
     return {name: num / jnp.maximum(den, 1e-9) for name, (num, den) in stats.items()}
 
 
+def optimizer_count(opt_state: Any, fallback: jax.Array) -> jax.Array:
+    """The optimiser's own update count (the step its schedule is at), int32 [].
+
+    It differs from `TrainState.step` after skipped non-finite steps, which leave the
+    optimiser state, its count included, untouched. `fallback` when the state has none.
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return found[0][1] if found else fallback
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1):
     """Returns the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
@@ -89,7 +99,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "lr": jnp.asarray(schedule(optimizer_count(state.opt_state, state.step)),
+                              jnp.float32),
             "weight": weight,
             **_finish_stats(stats),
         }
