@@ -3,11 +3,9 @@ the data position, with no checkpoint of k or later; with train.max_bad_steps th
 is skipped (params and optimiser state untouched) and the run finishes. Non-finite values
 are logged as null + flag in JSONL and as numbers in TensorBoard."""
 
-import glob
 import json
 import math
 import os
-import struct
 
 import chex
 import jax
@@ -17,9 +15,9 @@ import pytest
 
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import divergence, loop
-from instructjax.train.losses import lm_loss_fn
 from instructjax.train.metrics import MetricsWriter, read_metrics
-from test_loop import B, SyntheticBatches, make_task, mesh, train_cfg  # noqa: F401 (fixture)
+from test_loop import (B, SyntheticBatches, make_task, mesh,  # noqa: F401 (fixture)
+                       tensorboard_events, train_cfg)
 
 BAD_POSITION = 5  # the 5th batch drawn, i.e. the batch of step 5
 
@@ -106,18 +104,8 @@ def test_skipped_step_leaves_params_and_optimizer_state_untouched(tmp_path, mesh
 
 def tensorboard_scalars(workdir, tag):
     """(step, value) of one scalar tag in a workdir's TensorBoard event files."""
-    from tensorboardX.proto import event_pb2
-    found = []
-    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
-            offset += 12 + length + 4
-    return found
+    return [(event.step, value.simple_value) for event in tensorboard_events(workdir)
+            for value in event.summary.value if value.tag == tag]
 
 
 def test_nonfinite_values_are_numbers_in_tensorboard_and_null_in_jsonl(tmp_path):

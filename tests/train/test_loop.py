@@ -120,21 +120,23 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, mesh, uninterrupted
     assert steps == sorted(set(steps)), "resume duplicated metric rows"
 
 
-def tensorboard_tags(workdir):
-    """Scalar tags in the TensorBoard event files of a workdir (TFRecords of Event protos:
-    u64 length, u32 length crc, the record, u32 record crc)."""
+def tensorboard_events(workdir):
+    """The Event protos of a workdir's TensorBoard files (TFRecords: u64 length, u32 length
+    crc, the record, u32 record crc)."""
     from tensorboardX.proto import event_pb2
-    tags = set()
     for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
         with open(path, "rb") as f:
             data = f.read()
         offset = 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            tags.update(value.tag for value in event.summary.value)
+            yield event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
-    return tags
+
+
+def tensorboard_tags(workdir):
+    """Scalar tags in the TensorBoard event files of a workdir."""
+    return {value.tag for event in tensorboard_events(workdir) for value in event.summary.value}
 
 
 def test_error_mid_run_commits_checkpoint_and_events_then_resumes(tmp_path, mesh,
