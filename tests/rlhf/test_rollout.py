@@ -3,6 +3,7 @@ uncached argmax loop, left-padding invariance, sampling log-probs against
 sequence_logprobs, per-sequence stop and the loop's early exit."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from instructjax.model import transformer as tm
 from instructjax.model.config import ModelConfig
+from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import rollout as rl
 
 # The model tests' tiny config: GQA (4 query heads on 2 kv heads), qkv bias, untied head.
@@ -244,3 +246,25 @@ def test_loop_exits_once_every_row_has_ended():
     # One forward pass per sampled token: the prefill samples token 0 and each loop step
     # one more, so the loop stopped right after the last row's EOS instead of running to N.
     assert int(steps) == first + 1 < N
+
+
+def test_ppo_update_logprobs_match_the_rollouts():
+    """The log-probs PPO's update computes (actor_critic.forward + response_logprobs, through
+    the policy-with-value model) equal the sampler's and `sequence_logprobs` on the response
+    tokens, so the first minibatch's ratio is exactly what the rollout implies."""
+    tokens, mask = left_pad(PROMPTS, P)
+    temperature = 0.7
+    rollout = rl.generate(MODEL, params(), tokens, mask, jax.random.key(5), max_new_tokens=N,
+                          temperature=temperature, eos_id=EOS, pad_id=PAD, num_samples=2)
+    model = ac.make_actor_critic("shared", CFG)
+    value_head = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    ac_params = {**nn.meta.unbox(value_head), "trunk": params()}
+    logits, _ = ac.forward(model, ac_params, rollout.tokens, rollout.mask)
+    update_logprobs, _ = ac.response_logprobs(logits, rollout.tokens, P, temperature)
+    seq_logprobs, _ = rl.sequence_logprobs(MODEL, params(), rollout.tokens, rollout.mask, P,
+                                           temperature)
+    real = np.asarray(rollout.response_mask) == 1
+    np.testing.assert_allclose(np.asarray(update_logprobs)[real], np.asarray(seq_logprobs)[real],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(update_logprobs)[real],
+                               np.asarray(rollout.logprobs)[real], **LOGPROB_TOL)
