@@ -140,3 +140,25 @@ def test_sigterm_during_rollout_checkpoints_then_resume_matches(stage_dirs, tmp_
     for key in ("score_raw", "kl", "kl_coef", "policy_loss", "value_loss"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5,
                                    err_msg=key)
+
+
+def test_finished_run_killed_before_its_export_exports_on_rerun(stage_dirs, ppo_run, capsys):
+    """Killed between the final checkpoint and writing params/: the rerun says the stage is
+    finished and writes the export from that checkpoint (the supervised loop does the same)."""
+    import shutil
+    from instructjax.train import checkpoint as ckpt_lib
+    root, _ = stage_dirs
+    workdir, _ = ppo_run
+    params_dir = f"{workdir}/{ckpt_lib.PARAMS_DIR}"
+    kept = f"{workdir}/params-kept"
+    shutil.move(params_dir, kept)
+    try:
+        assert ppo_stage.run(ppo_config(root, steps=10), workdir) == {}
+        assert "already finished at iteration 10" in capsys.readouterr().out
+        import chex
+        import orbax.checkpoint as ocp
+        reader = ocp.StandardCheckpointer()
+        chex.assert_trees_all_equal(reader.restore(params_dir), reader.restore(kept))
+        reader.close()
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)

@@ -262,6 +262,9 @@ def run(config: Any, workdir: str) -> dict:
                 if is_main:
                     print(f"[ppo] already finished at iteration {start} ({workdir}); nothing to do",
                           flush=True)
+                if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
+                    # killed between the final checkpoint and the export, as the loop handles it
+                    ckpt_lib.export_params(workdir, ac.policy_params(state.params))
                 return {}
             if meta.get("process_count", 1) != jax.process_count():
                 raise common.StageError(
