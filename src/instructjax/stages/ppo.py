@@ -171,22 +171,6 @@ def update_means(update_stats: list[dict]) -> dict[str, float]:
     return {**means, "first_minibatch_ratio": float(update_stats[0]["ratio_mean"])}
 
 
-def guard_iteration(guard: divergence.BadStepGuard, writer, iteration: int, stats: dict,
-                    position: dict, last_saved: int | None) -> bool:
-    """True when `stats` hold a non-finite watched value and the iteration is skipped.
-
-    The stats are written to the metrics first (the record of what went wrong), then the
-    guard skips (within train.max_bad_steps) or raises DivergenceError naming the iteration,
-    the metric and the prompt position.
-    """
-    if not divergence.nonfinite_names(stats):
-        return False
-    writer.write(iteration, "diverged", stats)
-    writer.flush()
-    return guard.check(iteration, stats, position=position, last_checkpoint=last_saved,
-                       unit="iteration")
-
-
 def prompt_example(prompt: formats.Prompt, *, tokenizer, template, max_prompt_len: int,
                    max_turns: int, on_truncate: chat_encoding.OnTruncate = None
                    ) -> dict[str, np.ndarray]:
@@ -361,8 +345,9 @@ def run(config: Any, workdir: str) -> dict:
                     ref_logprobs, raw_scores, kl_state.kl_coef, gain, bias)
                 exp_stats = {k: float(v) for k, v in jax.device_get(exp_stats).items()}
                 # a non-finite reward or KL poisons every advantage: no update this iteration
-                bad_rollout = guard_iteration(guard, writer, iteration + 1, exp_stats,
-                                              position, last_saved)
+                bad_rollout = guard.record_and_check(
+                    writer, "diverged", iteration + 1, exp_stats, position=position,
+                    last_checkpoint=last_saved, unit="iteration")
 
                 # -- phase: E epochs x M minibatches over the frozen buffer
                 t0 = time.perf_counter()
@@ -385,9 +370,10 @@ def run(config: Any, workdir: str) -> dict:
                         if divergence.nonfinite_names(stats):  # not applied (update guards it)
                             bad_minibatches += 1
                             if bad_minibatches == 1:  # counts once per iteration
-                                guard_iteration(guard, writer, iteration + 1, stats,
-                                                {**position, "epoch": epoch, "minibatch": m},
-                                                last_saved)
+                                guard.record_and_check(
+                                    writer, "diverged", iteration + 1, stats,
+                                    position={**position, "epoch": epoch, "minibatch": m},
+                                    last_checkpoint=last_saved, unit="iteration")
                 timings["time_training"] = time.perf_counter() - t0
 
                 # -- phase: KL controller, metrics, eval, checkpoint

@@ -80,6 +80,18 @@ class BadStepGuard:
             raise ValueError(f"train.max_bad_steps={max_bad_steps} must be >= 0")
         self.stage, self.max_bad_steps, self.bad_steps = stage, max_bad_steps, bad_steps
 
+    def record_and_check(self, writer, split: str, step: int, metrics: Mapping[str, Any], *,
+                         position: Any, last_checkpoint: int | None, unit: str = "step") -> bool:
+        """`check`, after writing a non-finite row to `writer` (a MetricsWriter) under
+        `split`: what went wrong is on record before the run skips or stops. False, writing
+        nothing, when every watched value is finite."""
+        if not nonfinite_names(metrics):
+            return False
+        writer.write(step, split, metrics)
+        writer.flush()
+        return self.check(step, metrics, position=position, last_checkpoint=last_checkpoint,
+                          unit=unit)
+
     def check(self, step: int, metrics: Mapping[str, Any], *, position: Any,
               last_checkpoint: int | None, unit: str = "step") -> bool:
         """True when `step` was bad and skipped; raises DivergenceError when over the budget.

@@ -154,11 +154,9 @@ def run_supervised(task: SupervisedTask, train_cfg: Any, mesh: Mesh, workdir: st
             nonlocal last_log_time, last_log_step
             metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             metrics["skipped_steps"] = guard.bad_steps
-            if divergence.nonfinite_names(metrics):
-                writer.write(step_done, "train", metrics)  # on record before skip-or-stop
-                writer.flush()
-                guard.check(step_done, metrics, position=position, last_checkpoint=last_saved)
-            elif step_done % log_every == 0 or step_done == total_steps:
+            skipped = guard.record_and_check(writer, "train", step_done, metrics,
+                                             position=position, last_checkpoint=last_saved)
+            if not skipped and (step_done % log_every == 0 or step_done == total_steps):
                 now = time.perf_counter()
                 rate = (step_done - last_log_step) / max(now - last_log_time, 1e-9)
                 metrics["steps_per_sec"] = rate
