@@ -266,10 +266,13 @@ def normalize_paths(flat: dict[str, Any], workdir: str) -> dict[str, Any]:
     return out
 
 
+ABSENT = "<absent>"  # config_changes' value for the side that lacks a key
+
+
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, current value)} for every key that differs or is one-sided
-    ("<absent>" stands for the missing side)."""
-    absent = "<absent>"
+    (ABSENT stands for the missing side)."""
+    absent = ABSENT
     keys = sorted(set(saved) | set(now))
     return {k: (saved.get(k, absent), now.get(k, absent)) for k in keys
             if saved.get(k, absent) != now.get(k, absent)}
@@ -318,7 +321,7 @@ def check_resume_config(config: Any, workdir: str, *, has_progress: bool | None 
     changes = config_changes(saved, now)
     # A key only one side has comes from a schema change between versions, not from the user
     # (a misspelled key is refused before this): taken at its current value, announced.
-    schema = {k for k, (a, b) in changes.items() if "<absent>" in (a, b)}
+    schema = {k for k, (a, b) in changes.items() if ABSENT in (a, b)}
     if schema and is_main_process():
         print(f"note: the config schema changed since {workdir} started (keys "
               f"{', '.join(sorted(schema))}); resuming with the current values", flush=True)
