@@ -6,11 +6,7 @@ setup(
     version="0.1.0",
     description="JAX-native reproduction of the ChatGPT/InstructGPT training pipeline",
     python_requires=">=3.11",
-    package_dir={
-        "": "src",
-        # The Pallas kernels live at the top level (kernels/) but import as instructjax.kernels.
-        "instructjax.kernels": "kernels",
-    },
+    package_dir={"": "src"},
     packages=[
         "instructjax",
         "instructjax.kernels",

@@ -7,8 +7,8 @@ Training attention, bf16, FlashAttention convention: forward FLOPs 4 * B * H * T
 (H query heads), halved when causal; forward + backward counts 3.5x the forward (backward =
 2.5x). Shapes follow /work/shared/KERNEL-ANCHORS.md: heads * head_dim = 2048, batch * seq =
 16k tokens, GQA 4 query heads per kv head, seq 1k..16k, head dim 64 and 128, causal and not.
-Each shape runs ours (kernels/flash_attention.py: "ours" = Triton forward and backward,
-"ours-mosaic" = the Hopper Mosaic GPU kernels of kernels/flash_attention_mgpu*.py, where they
+Each shape runs ours (kernels/flash.py: "ours" = Triton forward and backward,
+"ours-mosaic" = the Hopper Mosaic GPU kernels of kernels/flash_mgpu*.py, where they
 apply; "ours-mosaic-fwd" = Mosaic forward, Triton backward, not run by default),
 `jax.nn.dot_product_attention` with implementation="cudnn" and with "xla";
 an implementation that fails (no GPU, not Hopper, out of memory) is skipped with the reason
@@ -16,8 +16,8 @@ printed.
 
 Decode: one token per sequence against a bf16 cache, GB/s = bytes of K and V that must be
 read (2 * sum(lengths) * K * D * 2) over the time, for full and ragged (uniform random)
-lengths, ours (kernels/decode_attention.py: Triton, and on Hopper "ours-mosaic", the Mosaic
-GPU kernel of kernels/decode_attention_mgpu.py) vs the plain-jnp reference under XLA, against
+lengths, ours (kernels/decode.py: Triton, and on Hopper "ours-mosaic", the Mosaic
+GPU kernel of kernels/decode_mgpu.py) vs the plain-jnp reference under XLA, against
 the device copy bandwidth measured in the same run (x + 1 on a large array: read + write).
 
 The tables are printed and appended to benchmarks/RESULTS.md (not in --quick mode unless
@@ -38,9 +38,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from instructjax.kernels import decode_attention as decode_lib  # noqa: E402
-from instructjax.kernels import flash_attention as flash_lib  # noqa: E402
-from instructjax.kernels import flash_attention_mgpu as mosaic_lib  # noqa: E402
+from instructjax.kernels import decode as decode_lib  # noqa: E402
+from instructjax.kernels import flash as flash_lib  # noqa: E402
+from instructjax.kernels import flash_mgpu as mosaic_lib  # noqa: E402
 from instructjax.kernels import reference  # noqa: E402
 
 

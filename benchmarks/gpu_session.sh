@@ -13,12 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# instructjax = src/instructjax + kernels/ (setup.py maps kernels/ to instructjax.kernels).
-pkg="$(mktemp -d)"
-mkdir -p "$pkg/instructjax"
-cp -r src/instructjax/. "$pkg/instructjax/"
-ln -s "$PWD/kernels" "$pkg/instructjax/kernels"
-export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# No install there: src/ on the path gives instructjax (kernels included), the root gives tests.
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # The image's interpreter is python3 (its jax, PyTorch and pytest); PYTHON overrides it.
 py="${PYTHON:-python3}"

@@ -19,14 +19,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from configs import models  # noqa: E402
 from instructjax.model.config import ModelConfig, count_params  # noqa: E402
-from instructjax.model.transformer import Transformer  # noqa: E402
+from instructjax.model.transformer import Transformer, init_boxed_params  # noqa: E402
 from instructjax.parallel import mesh as mesh_lib  # noqa: E402
 from instructjax.train.losses import lm_loss_fn  # noqa: E402
 from instructjax.train import optim, state as state_lib, step as step_lib  # noqa: E402
@@ -82,7 +81,7 @@ def main():
     tx = optim.make_optimizer(opt_cfg)
 
     def init_boxed(rng):
-        return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        return init_boxed_params(model, rng)
 
     _, shardings = state_lib.state_shardings(init_boxed, tx, mesh)
     state = state_lib.create_state(init_boxed, tx, shardings, seed=0)

@@ -1,12 +1,18 @@
-"""Keys every experiment config has, with their defaults; `get_base(stage)` is the schema.
+"""Each stage's keys with their defaults; `get_base(stage)` is that stage's schema.
 
-`experiments/run.py` rejects any key a config file adds that is not here, naming it and the
-valid keys, so a misspelling never silently becomes a new, unused setting.
+A stage's schema holds only the keys it reads (`STAGE_SECTIONS`, minus `UNUSED_KEYS`), and
+`experiments/run.py` rejects any other key a config file or override sets, naming it and the
+valid keys: a misspelling, or a key another stage reads, never silently does nothing.
+
+`train.steps` counts optimiser steps in pretrain, SFT and reward, and PPO iterations in `ppo`
+(one iteration: a rollout batch of ppo.prompts_per_iteration x ppo.num_samples answers, then
+ppo.epochs passes of minibatch updates over it).
 """
 
 import ml_collections
 
 from configs import models
+from instructjax.stages import registry
 
 
 def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
@@ -95,6 +101,40 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
     ))
     if stage == "pipeline":
         return _pipeline_base(c, model)
+    return _stage_schema(c, stage)
+
+
+# Every stage has these; the rest by STAGE_SECTIONS.
+COMMON_KEYS = ("stage", "seed", "dry_run", "mesh", "distributed", "hardware")
+STAGE_SECTIONS = {
+    "tokenizer": ("tokenizer", "data"),
+    "pretrain": ("model", "tokenizer", "data", "train"),
+    "sft": ("init_from", "model", "data", "chat", "sft", "eval", "train"),
+    "reward": ("init_from", "model", "data", "chat", "reward", "eval", "train"),
+    "ppo": ("init_from", "model", "data", "chat", "ppo", "eval", "train"),
+}
+# Keys of those sections a stage still does not read. PPO logs every iteration, has no
+# held-out loss batches, and its batch is ppo.prompts_per_iteration x ppo.num_samples rows
+# in ppo.minibatch_size minibatches, not train.batch_size; the reward model's score
+# statistics sample one answer per prompt from its own prompt list.
+UNUSED_KEYS = {
+    "tokenizer": ("data.seq_len", "data.eval_percent"),
+    "sft": ("data.text_field",),
+    "reward": ("data.text_field", "eval.num_prompts", "eval.num_samples"),
+    "ppo": ("data.text_field", "train.batch_size", "train.grad_accum_steps",
+            "train.eval_batches", "train.log_every"),
+}
+
+
+def _stage_schema(full: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """`full` cut to the keys `stage` reads (an unknown stage keeps every key: run.py names
+    it as unknown before anything reads the config)."""
+    if stage not in STAGE_SECTIONS:
+        return full
+    c = ml_collections.ConfigDict({key: full[key] for key in COMMON_KEYS + STAGE_SECTIONS[stage]})
+    for dotted in UNUSED_KEYS.get(stage, ()):
+        section, key = dotted.split(".")
+        del c[section][key]  # ConfigDict supports deletion of a field
     return c
 
 
@@ -111,7 +151,7 @@ def _pipeline_base(full: ml_collections.ConfigDict, model: str) -> ml_collection
     return c
 
 
-PIPELINE = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+PIPELINE = registry.PIPELINE_ORDER
 
 # The demo task's true-score eval, shared by the tiny SFT and PPO configs so their scores are
 # comparable: every held-out prompt (~5 per held-out problem), the PPO sampling temperature

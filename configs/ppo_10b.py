@@ -47,5 +47,5 @@ def get_config():
                             max_new_tokens=512))
     config.train.update(dict(steps=500, learning_rate=1e-6, warmup_steps=10, decay="constant",
                              weight_decay=0.0, b2=0.95, grad_clip=1.0, eval_every=50,
-                             checkpoint_every=25, log_every=1))
+                             checkpoint_every=25))
     return config

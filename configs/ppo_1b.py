@@ -32,5 +32,5 @@ def get_config():
     config.eval.update(dict(num_prompts=256, batch_size=128, max_prompt_len=512,
                             max_new_tokens=512))
     config.train.update(dict(steps=500, learning_rate=3e-6, warmup_steps=10, decay="constant",
-                             weight_decay=0.0, eval_every=50, checkpoint_every=25, log_every=1))
+                             weight_decay=0.0, eval_every=50, checkpoint_every=25))
     return config

@@ -38,5 +38,5 @@ def get_config():
     # end.
     config.train.update(dict(steps=40, learning_rate=4e-5, warmup_steps=0, decay="constant",
                              weight_decay=0.0, b2=0.999, eps=1e-5, eval_every=20,
-                             checkpoint_every=10, log_every=1))
+                             checkpoint_every=10))
     return config

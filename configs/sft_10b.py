@@ -19,7 +19,6 @@ def get_config():
     config.model.update(dict(dtype="bfloat16", param_dtype="float32", scan_layers=True,
                              remat_policy="full", attention_impl="cudnn"))
     config.distributed.enabled = True
-    config.tokenizer.vocab_size = 32000
     config.data.seq_len = 2048
     config.train.update(dict(steps=2000, batch_size=256, grad_accum_steps=4,
                              learning_rate=1e-5, warmup_steps=100, decay="cosine",

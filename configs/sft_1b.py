@@ -16,7 +16,6 @@ def get_config():
     config.mesh.update(dict(data=1, fsdp=8, tensor=1))
     config.model.update(dict(dtype="bfloat16", param_dtype="float32", scan_layers=True,
                              remat_policy="full", attention_impl="cudnn"))
-    config.tokenizer.vocab_size = 32000
     config.data.seq_len = 2048
     config.train.update(dict(steps=2000, batch_size=128, grad_accum_steps=2,
                              learning_rate=2e-5, warmup_steps=100, decay="cosine",

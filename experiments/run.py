@@ -114,8 +114,8 @@ def main(argv):
             from instructjax.stages import dry_run
             dry_run.run(config, _WORKDIR.value)
             return
-        from instructjax.stages.common import initialize_distributed
-        initialize_distributed(config.distributed)  # before anything touches a device
+        from instructjax.stages import common, settings
+        common.initialize_distributed(settings.distributed_from(config))  # before any device
         from instructjax.stages.registry import get_stage
         get_stage(config.stage)(config, _WORKDIR.value)
     except user_errors() as err:

@@ -1,7 +1,7 @@
 """The bad-input sweep: every user data format against every fault a user file can have.
 
-Each test goes through the functions a stage calls (`tfds_builders.build_text_source`,
-`dialogue_sources.build_*_source`, `tokenizer.train_tokenizer`, `pipeline.make_lm_batches`,
+Each test goes through the functions a stage calls (`text_sources.build_text_source`,
+`dialogue_sources.build_*_source`, `tokenizer.train_tokenizer`, `loaders.make_lm_batches`,
 `chat_encoding.encode_*`) and asserts what the user sees: a `jsonl.DataFormatError` whose
 message starts with `file:line:` (or the file, for a whole-file problem) and names the
 field, or a record kept or left out with a count the caller can read and a warning.
@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 
-from instructjax.data import chat_encoding, dialogue_sources, formats, jsonl, pipeline
-from instructjax.data import tfds_builders
+from instructjax.data import chat_encoding, dialogue_sources, formats, jsonl, loaders
+from instructjax.data import text_sources
 from instructjax.data import tokenizer as tok_lib
 
 DataFormatError = jsonl.DataFormatError
@@ -61,7 +61,7 @@ def _build(fmt, path, tmp_path, **kwargs):
     kind = FORMATS[fmt][0]
     data_dir = tmp_path / "tfds"
     if kind == "text":
-        return tfds_builders.build_text_source(path, None, data_dir, **kwargs)
+        return text_sources.build_text_source(path, None, data_dir, **kwargs)
     build = {"sft": dialogue_sources.build_sft_source,
              "comparison": dialogue_sources.build_comparison_source,
              "prompt": dialogue_sources.build_prompt_source}[kind]
@@ -141,8 +141,8 @@ def test_fewer_records_than_processes_is_a_data_error(tmp_path):
     path = _write(tmp_path / "one.jsonl", [FORMATS["text"][1]])
     source = _build("text", path, tmp_path)["train"]
     with pytest.raises(DataFormatError, match=r"shard 1 of 2 holds no documents.*at least 2"):
-        pipeline.make_lm_batches(source, None, seq_len=8, batch_size=1, seed=0,
-                                 shard_index=1, shard_count=2)
+        loaders.make_lm_batches(source, None, seq_len=8, batch_size=1, seed=0,
+                                shard_index=1, shard_count=2)
 
 
 # ------------------------------------------------------------------------------ encodings
@@ -356,8 +356,8 @@ def test_text_longer_than_seq_len_is_chunked(tmp_path, tok):
     text = "第一篇很长的文章。" * 100
     path = _write(tmp_path / "t.jsonl", [{"text": text}])
     source = _build("text", path, tmp_path)["train"]
-    batches = list(pipeline.make_lm_batches(source, tok, seq_len=32, batch_size=4, seed=0,
-                                            num_epochs=1, shuffle=False))
+    batches = list(loaders.make_lm_batches(source, tok, seq_len=32, batch_size=4, seed=0,
+                                           num_epochs=1, shuffle=False))
     tokens = [t for b in batches for row, seg in zip(b["tokens"], b["segment_ids"])
               for t in row[seg > 0]]
     assert tokens == [tok.bos_id] + tok.encode(text) + [tok.eos_id]  # every token, in order
@@ -382,8 +382,8 @@ def test_10mb_line_is_accepted(tmp_path, tok, ten_mb_text, fmt):
     assert len(source) == 1
     cut = []
     if fmt == "text":
-        batch = next(pipeline.make_lm_batches(source, tok, seq_len=256, batch_size=2, seed=0,
-                                              num_epochs=1, shuffle=False))
+        batch = next(loaders.make_lm_batches(source, tok, seq_len=256, batch_size=2, seed=0,
+                                             num_epochs=1, shuffle=False))
         # Cut into seq_len chunks: each row is one full chunk of the one document.
         assert (batch["segment_ids"] == 1).all() and (batch["positions"][:, -1] == 255).all()
         assert batch["tokens"][0, 0] == tok.bos_id

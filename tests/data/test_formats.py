@@ -12,7 +12,8 @@ import warnings
 import numpy as np
 import pytest
 
-from instructjax.data import chat_encoding, demo, dialogue_sources, formats, jsonl, pipeline
+from instructjax.data import chat_encoding, demo_corpus, demo_task, dialogue_sources, formats
+from instructjax.data import jsonl, loaders, packing, text_sources
 from instructjax.data import tokenizer as tok_lib
 from instructjax.data.chat_encoding import ChatTemplate
 from instructjax.data.formats import Comparison, Dialogue, Prompt, Turn
@@ -42,8 +43,9 @@ def _write_lines(path, lines):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    corpus = demo.write_demo_corpus(out, seed=0, num_train_docs=400, num_eval_docs=5)
-    texts = list(demo.demo_text_iter(corpus["train"])) + [
+    corpus = demo_corpus.write_demo_corpus(out, seed=0, num_train_docs=400, num_eval_docs=5)
+    source = text_sources.build_text_source(corpus["train"], None, out / "tfds")["train"]
+    texts = [source[i]["text"] for i in range(len(source))] + [
         "用户：你好，请介绍一下你自己。\n小元：我是小元，一个对话模型。",
         "系统：你是一个乐于助人的助手。", "What is the capital of France? Paris."]
     with warnings.catch_warnings():
@@ -329,8 +331,8 @@ def test_span_encoding_concatenates_to_the_whole_text(tok):
 def test_packed_sft_loss_mask_selects_exactly_answers_and_eos(tok):
     examples = [chat_encoding.encode_sft(d, tok, max_length=256, train_on=mode)
                 for d in DIALOGUES for mode in ("all", "last")]
-    packed = pipeline.pack_documents([t for t, _ in examples], [w for _, w in examples],
-                                     seq_len=128)
+    packed = packing.pack_documents([t for t, _ in examples], [w for _, w in examples],
+                                    seq_len=128)
     got = []
     for row in range(len(packed["tokens"])):
         seg, mask, targets = (packed[k][row] for k in ("segment_ids", "loss_mask", "targets"))
@@ -497,12 +499,13 @@ def test_tfds_sources_report_malformed_records(tmp_path):
 
 
 def test_modules_import_without_grain_and_tfds():
-    """The GPU image has neither: parsing, rendering, encoding and the demo task import."""
+    """The GPU image has neither: parsing, rendering, encoding and the demo data import."""
     script = textwrap.dedent("""
         import sys
         sys.modules["grain"] = None  # makes `import grain` raise ImportError
         sys.modules["tensorflow_datasets"] = None
-        from instructjax.data import chat_encoding, demo, dialogue_sources, formats
+        from instructjax.data import chat_encoding, demo_corpus, demo_task, dialogue_sources
+        from instructjax.data import formats
         print(chat_encoding.render_prompt((formats.Turn("user", "q"),)) == "用户：q\\n小元：")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -514,8 +517,8 @@ def test_modules_import_without_grain_and_tfds():
 def test_sft_source_through_grain_and_the_packing_iterator(tmp_path, tok):
     """TFDS source -> grain map(encode_sft) -> LMBatchIterator: loss only on answers + EOS."""
     grain = pytest.importorskip("grain")
-    paths = demo.write_demo_task(tmp_path / "task", seed=0, num_sft=40, num_comparisons=2,
-                                 num_prompts=2, num_eval=2, num_heldout=2)
+    paths = demo_task.write_demo_task(tmp_path / "task", seed=0, num_sft=40, num_comparisons=2,
+                                      num_prompts=2, num_eval=2, num_heldout=2)
     source = dialogue_sources.build_sft_source(paths["sft_train"], None, tmp_path / "tfds")
     source = source["train"]
 
@@ -526,8 +529,8 @@ def test_sft_source_through_grain_and_the_packing_iterator(tmp_path, tok):
 
     documents = grain.MapDataset.source(source).map(to_document).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-    batches = list(pipeline.LMBatchIterator(iter(documents), seq_len=96, batch_size=4,
-                                            config={}))
+    batches = list(loaders.LMBatchIterator(iter(documents), seq_len=96, batch_size=4,
+                                           config={}))
     trained = []
     for batch in batches:
         for row in range(4):

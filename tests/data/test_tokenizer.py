@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from instructjax.data import demo, jsonl
+from instructjax.data import demo_corpus, jsonl, text_sources
 from instructjax.data import tokenizer as tok_lib
 
 EXTRA_TEXTS = [
@@ -21,8 +21,10 @@ EXTRA_TEXTS = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    paths = demo.write_demo_corpus(out, seed=0, num_train_docs=800, num_eval_docs=20)
-    texts = list(demo.demo_text_iter(paths["train"])) + EXTRA_TEXTS
+    paths = demo_corpus.write_demo_corpus(out, seed=0, num_train_docs=800, num_eval_docs=20)
+    # The texts pretraining reads: the corpus's TFDS train split.
+    source = text_sources.build_text_source(paths["train"], None, out / "tfds")["train"]
+    texts = [source[i]["text"] for i in range(len(source))] + EXTRA_TEXTS
     return out, paths, texts
 
 
@@ -148,9 +150,9 @@ def test_load_missing_model_is_clear_error(tmp_path):
 # ------------------------------------------------------------------------- demo corpus
 
 def test_demo_corpus_is_deterministic(tmp_path):
-    a = demo.write_demo_corpus(tmp_path / "a", seed=3, num_train_docs=50, num_eval_docs=5)
-    b = demo.write_demo_corpus(tmp_path / "b", seed=3, num_train_docs=50, num_eval_docs=5)
-    c = demo.write_demo_corpus(tmp_path / "c", seed=4, num_train_docs=50, num_eval_docs=5)
+    a = demo_corpus.write_demo_corpus(tmp_path / "a", seed=3, num_train_docs=50, num_eval_docs=5)
+    b = demo_corpus.write_demo_corpus(tmp_path / "b", seed=3, num_train_docs=50, num_eval_docs=5)
+    c = demo_corpus.write_demo_corpus(tmp_path / "c", seed=4, num_train_docs=50, num_eval_docs=5)
     read = lambda p: open(p, "rb").read()  # pylint: disable=unnecessary-lambda-assignment
     assert read(a["train"]) == read(b["train"]) and read(a["eval"]) == read(b["eval"])
     assert read(a["train"]) != read(c["train"])

@@ -1,6 +1,5 @@
 """The true-score eval's generation: several samples per prompt come back in prompt-major
 order, and the filler rows of a short last batch are dropped."""
-import types
 
 import jax
 import numpy as np
@@ -8,6 +7,7 @@ import numpy as np
 from instructjax.eval import true_score as ts
 from instructjax.model import transformer as tm
 from instructjax.model.config import ModelConfig
+from instructjax.rlhf import rollout
 
 CFG = ModelConfig(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=48, max_seq_len=32)
@@ -32,12 +32,12 @@ def _prompts():
 
 
 def _generate(greedy, num_samples, top_k=0):
-    eval_cfg = types.SimpleNamespace(batch_size=2, max_new_tokens=6, temperature=1.0,
-                                     top_k=top_k, top_p=1.0)
+    sampling = rollout.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=top_k,
+                                      top_p=1.0, num_samples=num_samples)
     tokens, mask = _prompts()
     return ts.generate_texts(tm.Transformer(CFG), tm.init_params(CFG, jax.random.key(0)),
-                             tokens, mask, IdsTokenizer(), eval_cfg=eval_cfg, greedy=greedy,
-                             seed=0, num_samples=num_samples)
+                             tokens, mask, IdsTokenizer(), batch_size=2, sampling=sampling,
+                             greedy=greedy, seed=0)
 
 
 def test_samples_are_prompt_major_and_fillers_dropped():

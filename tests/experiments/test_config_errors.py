@@ -41,6 +41,28 @@ def test_misspelled_override_names_key_and_valid_keys(tmp_path):
     assert_one_line_error(out, "'train.stpes'", "valid keys there:", "steps")
 
 
+@pytest.mark.parametrize("config, override", [
+    ("configs/ppo_tiny.py", "--config.train.batch_size=8"),    # PPO batches by ppo.*
+    ("configs/ppo_tiny.py", "--config.train.log_every=5"),     # PPO logs every iteration
+    ("configs/sft_tiny.py", "--config.tokenizer.vocab_size=64"),  # from init_from
+    ("configs/pretrain_tiny.py", "--config.ppo.epochs=2"),
+    ("configs/reward_tiny.py", "--config.eval.num_samples=2"),  # stats: 1 answer per prompt
+])
+def test_a_key_the_stage_does_not_read_is_refused(tmp_path, config, override):
+    out = run_cmd([f"--config={config}", override], tmp_path)
+    key = override.split("=")[0][len("--config."):]
+    assert_one_line_error(out, repr(key), "valid keys")
+    assert not os.listdir(tmp_path)  # nothing started
+
+
+def test_each_stage_schema_holds_only_its_keys_and_says_what_steps_counts():
+    assert "train" in base.get_base("ppo") and "batch_size" not in base.get_base("ppo").train
+    assert "ppo" not in base.get_base("sft") and "tokenizer" not in base.get_base("reward")
+    assert set(base.get_base("tokenizer")) == {"stage", "seed", "dry_run", "mesh",
+                                               "distributed", "hardware", "tokenizer", "data"}
+    assert "PPO iterations" in base.__doc__ and "optimiser steps" in base.__doc__
+
+
 @pytest.mark.parametrize("override, needle", [
     ("--config.train.batch_size=0", "train.batch_size=0 must be >= 1"),
     ("--config.train.learning_rate=-0.1", "train.learning_rate=-0.1 must be > 0"),
@@ -95,8 +117,8 @@ def test_vocabulary_too_small_for_the_corpus_is_one_line(tmp_path):
     ("ppo.kl_estimator", "k2"), ("mesh.fsdp", 0), ("data.eval_percent", 100),
 ])
 def test_value_problems_name_key_value_and_range(key, value):
-    config = base.get_base("ppo")
     group, name = key.split(".")
+    config = base.get_base("reward" if group == "reward" else "ppo")  # each stage's own keys
     config[group][name] = value
     problems = config_values.value_problems(config)
     assert len(problems) == 1 and problems[0].startswith(f"{key}={value!r} must be"), problems

@@ -1,4 +1,4 @@
-"""kernels/decode_attention.py in Pallas interpret mode against
+"""kernels/decode.py in Pallas interpret mode against
 kernels/reference.py::decode_attention_reference, on ragged lengths (0, 1, L, split
 boundaries), with and without cache splits, GQA 1/2/4, float32 and bf16."""
 import functools
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _lowering import lowered_text
-from instructjax.kernels import decode_attention as da
+from instructjax.kernels import decode as da
 from instructjax.kernels import reference
 
 # Relative norm errors: float32 differs from the reference only in summation order (split

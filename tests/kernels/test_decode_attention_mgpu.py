@@ -1,4 +1,4 @@
-"""kernels/decode_attention_mgpu.py: the Hopper (Mosaic GPU) decode kernel.
+"""kernels/decode_mgpu.py: the Hopper (Mosaic GPU) decode kernel.
 
 On CPU it runs in jax's Mosaic GPU interpreter extended by `_mgpu_interpret.py` (producer
 and compute warpgroups as threads, TMA and mbarriers simulated, race detector on), through
@@ -18,9 +18,9 @@ import pytest
 
 from _lowering import lowered_text
 from _mgpu_interpret import extended_gpu_interpreter, races_found
-from instructjax.kernels import decode_attention as da
-from instructjax.kernels import decode_attention_mgpu as dmgpu
-from instructjax.kernels import flash_attention_mgpu as mgpu
+from instructjax.kernels import decode as da
+from instructjax.kernels import decode_mgpu as dmgpu
+from instructjax.kernels import flash_mgpu as mgpu
 from instructjax.kernels import reference
 
 # bf16 / f16 inputs against float32 on the same rounded values: P is rounded before the P V

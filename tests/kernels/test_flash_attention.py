@@ -1,4 +1,4 @@
-"""kernels/flash_attention.py (and its block_sparsity.py) in Pallas interpret mode against
+"""kernels/flash.py (and its block_sparsity.py) in Pallas interpret mode against
 kernels/reference.py.
 
 Forward output, log-sum-exp and q/k/v gradients (jax.vjp with random cotangents) are compared
@@ -17,7 +17,7 @@ import pytest
 
 from _lowering import lowered_text
 from instructjax.kernels import block_sparsity as bsp
-from instructjax.kernels import flash_attention as fa
+from instructjax.kernels import flash as fa
 from instructjax.kernels import reference
 
 # Relative norm errors. float32: the kernel and the reference differ only in summation

@@ -1,4 +1,4 @@
-"""kernels/flash_attention_mgpu*.py: the Hopper (Mosaic GPU) flash-attention kernels.
+"""kernels/flash_mgpu*.py: the Hopper (Mosaic GPU) flash-attention kernels.
 
 On CPU the kernels run in jax's Mosaic GPU interpreter (three warpgroups as threads, TMA
 copies and mbarriers simulated) extended by `_mgpu_interpret.py`, and are compared with the
@@ -16,9 +16,9 @@ import pytest
 
 from _mgpu_interpret import extended_gpu_interpreter, races_found
 from _lowering import lowered_text
-from instructjax.kernels import flash_attention as fa
-from instructjax.kernels import flash_attention_mgpu as mgpu
-from instructjax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
+from instructjax.kernels import flash as fa
+from instructjax.kernels import flash_mgpu as mgpu
+from instructjax.kernels import flash_mgpu_bwd as mgpu_bwd
 from instructjax.kernels import reference
 
 # bf16 / f16 inputs against float32 on the same rounded values: P is rounded to 16 bits

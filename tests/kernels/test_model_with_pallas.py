@@ -3,12 +3,13 @@ loss curve as with the plain-jnp "xla" attention for a few optimiser steps."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from instructjax.model.config import ModelConfig
-from instructjax.model.transformer import Transformer
+from instructjax.model.transformer import Transformer, init_boxed_params
 from instructjax.train import optim, step as step_lib
 from instructjax.train.losses import lm_loss_fn
 from instructjax.train.state import TrainState
@@ -27,8 +28,7 @@ def test_pallas_and_xla_training_agree():
              "loss_mask": (segments > 0).astype(np.float32)}
     opt = optim.OptimConfig(learning_rate=1e-2, total_steps=10, warmup_steps=0)
     tx = optim.make_optimizer(opt)
-    params = Transformer(base).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(params))
+    params = nn.meta.unbox(init_boxed_params(Transformer(base), jax.random.key(0)))
 
     losses = {}
     for impl in ("xla", "pallas"):

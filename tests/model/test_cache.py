@@ -2,6 +2,8 @@
 decoding (prefill, chunks, single steps) against one uncached forward pass."""
 import functools
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +95,8 @@ def test_prefill_chunk_and_steps_match_one_forward_pass(scan):
 
     @jax.jit
     def decode(params, x, pos, cache, index):
-        return tm.Transformer(cfg).apply({"params": params}, x, pos, cache=cache,
-                                         cache_index=index, kv_mask=mask)
+        return tm.Transformer(cfg).apply({"params": params}, x, pos, cache, index, mask,
+                                         method="decode")
 
     # A 5-token prefill, a 3-token chunk at slot 5, then one token per call: every way the
     # rollout (or a chunked prefill) calls the model.
@@ -115,17 +117,23 @@ def test_decoding_keeps_the_param_tree_and_checks_its_arguments():
     tokens = jnp.ones((2, 4), jnp.int32)
     cache = cache_lib.init_cache(BASE, batch=2, max_len=8)
 
-    def decode(**kwargs):
-        return jax.eval_shape(lambda: model.apply({"params": params}, tokens, **kwargs))
+    def decode(cache, cache_index, **kwargs):
+        return jax.eval_shape(lambda: model.apply({"params": params}, tokens, None, cache,
+                                                  cache_index, method="decode", **kwargs))
 
-    (logits, hidden), new_cache = decode(cache=cache, cache_index=0, return_hidden=True)
-    assert logits.shape == (2, 4, 61) and hidden.shape == (2, 4, 32)
+    logits, new_cache = decode(cache, 0)
+    assert logits.shape == (2, 4, 61) and logits.dtype == jnp.float32
     assert new_cache.k.shape == cache.k.shape and new_cache.v.dtype == cache.v.dtype
+    # Decoding runs the training path's modules under the same names: no new params.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, None, cache, 0,
+                                                  method="decode"))
+    chex.assert_trees_all_equal_shapes_and_dtypes(nn.meta.unbox(variables["params"]), params)
     with pytest.raises(ValueError, match="cache_index"):
-        decode(cache=cache)
-    with pytest.raises(ValueError, match="segment_ids"):
-        decode(cache=cache, cache_index=0, segment_ids=tokens)
+        decode(cache, None)
+    # Padding is kv_mask's job when decoding: there is no segment_ids argument.
+    with pytest.raises(TypeError, match="segment_ids"):
+        decode(cache, 0, segment_ids=tokens)
     with pytest.raises(ValueError, match="kv_mask"):
-        decode(cache=cache, cache_index=0, kv_mask=tokens)
+        decode(cache, 0, kv_mask=tokens)
     with pytest.raises(ValueError, match=r"\[L, B, S, K, D\]"):
-        decode(cache=cache_lib.init_cache(BASE, batch=1, max_len=8), cache_index=0)
+        decode(cache_lib.init_cache(BASE, batch=1, max_len=8), 0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from instructjax.kernels import reference
+from instructjax.model import attention as attention_lib
 from instructjax.model import transformer as tm
 from instructjax.model.config import ModelConfig, count_params
 
@@ -102,7 +103,9 @@ def test_param_count_matches_closed_form(tie, bias, kv_heads, scan):
 def test_every_param_has_one_logical_name_per_dim(scan, tie):
     cfg = BASE.replace(scan_layers=scan, tie_embeddings=tie)
     shapes = jax.eval_shape(lambda: tm.init_params(cfg, jax.random.key(0)))
-    specs = tm.logical_param_axes(cfg)
+    # The names sharded creation reads (train/state.py): those of the boxed init.
+    boxed = jax.eval_shape(lambda: tm.init_boxed_params(tm.Transformer(cfg), jax.random.key(0)))
+    specs = nn.get_partition_spec(boxed)
     assert jax.tree.structure(shapes) == jax.tree.structure(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -169,7 +172,7 @@ def test_defaults_are_arange_positions_and_one_segment():
     tokens = random_tokens(4, (B, T))
     params = params_for(BASE)
     default, hidden = jax.jit(lambda p, x: tm.Transformer(BASE).apply(
-        {"params": p}, x, return_hidden=True))(params, tokens)
+        {"params": p}, x, method="logits_and_hidden"))(params, tokens)
     chex.assert_shape(default, (B, T, BASE.vocab_size))
     chex.assert_type(default, jnp.float32)
     chex.assert_shape(hidden, (B, T, BASE.embed_dim))
@@ -179,11 +182,40 @@ def test_defaults_are_arange_positions_and_one_segment():
     tied = BASE.replace(tie_embeddings=True)
     tied_params = params_for(tied)
     logits, hidden = jax.jit(lambda p, x: tm.Transformer(tied).apply(
-        {"params": p}, x, return_hidden=True))(tied_params, tokens)
+        {"params": p}, x, method="logits_and_hidden"))(tied_params, tokens)
     np.testing.assert_allclose(logits, hidden @ tied_params["embed"]["embedding"].T,
                                **SAME_MATH_TOL)
     with pytest.raises(ValueError, match="max_seq_len"):
         tm.Transformer(BASE).apply({"params": params}, random_tokens(5, (1, 33)))
+
+
+def test_entry_points_are_one_forward_pass_with_one_param_tree():
+    """`Transformer(cfg).apply({"params": p}, tokens)` gives float32 logits [B, T, V]
+    (DESIGN.md's promise): the LM head applied to `hidden_states`, whose final-normed states
+    the scalar heads read; `logits_and_hidden` returns both, and init through either entry
+    creates the same params."""
+    B, T = 2, 12
+    tokens = random_tokens(16, (B, T))
+    for tie in (False, True):
+        cfg = BASE.replace(tie_embeddings=tie)
+        model = tm.Transformer(cfg)
+        params = params_for(cfg)
+        logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
+        chex.assert_shape(logits, (B, T, cfg.vocab_size))
+        chex.assert_type(logits, jnp.float32)
+        hidden = jax.jit(lambda p, x: model.apply({"params": p}, x, method="hidden_states"))(
+            params, tokens)
+        chex.assert_shape(hidden, (B, T, cfg.embed_dim))
+        chex.assert_type(hidden, jnp.dtype(cfg.dtype))
+        head_VE = params["embed"]["embedding"] if tie else params["lm_head"]["kernel"].T
+        np.testing.assert_allclose(logits, hidden @ head_VE.T, **SAME_MATH_TOL)
+        both = jax.jit(lambda p, x: model.apply({"params": p}, x, method="logits_and_hidden"))(
+            params, tokens)
+        np.testing.assert_array_equal(both[0], logits)
+        np.testing.assert_array_equal(both[1], hidden)
+        init = lambda **kw: jax.eval_shape(
+            lambda: model.init(jax.random.key(0), tokens, **kw)["params"])
+        chex.assert_trees_all_equal_shapes_and_dtypes(init(method="hidden_states"), init())
 
 
 # ---------------------------------------------------------------- RoPE
@@ -311,7 +343,7 @@ def test_cudnn_path_masking_matches_reference():
     kq, kk, kv = jax.random.split(jax.random.key(14), 3)
     q, k, v = normal(kq, (2, 16, 4, 8)), normal(kk, (2, 16, 2, 8)), normal(kv, (2, 16, 2, 8))
     segment_ids = jnp.array([[1] * 5 + [2] * 8 + [0] * 3, [1] * 16], jnp.int32)
-    cudnn_path = jax.jit(functools.partial(tm.cudnn_attention, implementation="xla"))
+    cudnn_path = jax.jit(functools.partial(attention_lib.cudnn_attention, implementation="xla"))
     for seg in (segment_ids, None):
         ours = cudnn_path(q, k, v, segment_ids=seg)
         np.testing.assert_allclose(ours, jax.jit(reference.attention)(q, k, v, segment_ids=seg),

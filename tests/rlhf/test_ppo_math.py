@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import kl as kl_lib
 from instructjax.rlhf import ppo
 
@@ -118,9 +119,15 @@ def test_process_scores_normalise_penalise_clip():
 
 
 def test_entropy_of_uniform_and_peaked():
-    logits = jnp.stack([jnp.zeros(8), jnp.array([50.0] + [0.0] * 7)])[None]
-    ent = ppo.entropy_from_logits(logits)
+    """The entropy (and log-probs) PPO logs and regularises with: actor_critic's
+    response_logprobs, where the logits at column t score the token at column t + 1."""
+    # Columns 0 and 1 score response tokens 1 and 2 (prompt length 1); the last column
+    # predicts past the sequence and is not used.
+    logits = jnp.stack([jnp.zeros(8), jnp.array([50.0] + [0.0] * 7), jnp.full(8, jnp.nan)])[None]
+    tokens = jnp.array([[5, 3, 0]], jnp.int32)
+    logprobs, ent = ac.response_logprobs(logits, tokens, 1, 1.0)
     np.testing.assert_allclose(np.asarray(ent)[0], [math.log(8), 0.0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logprobs)[0], [-math.log(8), 0.0], atol=1e-5)
 
 
 def test_adaptive_controller_formula():

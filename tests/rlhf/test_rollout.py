@@ -1,6 +1,7 @@
 """Rollouts: filtering on hand-computed cases, EOS masking, greedy decoding against an
-uncached argmax loop, left-padding invariance, sampling log-probs against
-sequence_logprobs, per-sequence stop and the loop's early exit."""
+uncached argmax loop, left-padding invariance, sampling log-probs against the log-probs PPO
+recomputes (actor_critic.forward + response_logprobs), per-sequence stop and the loop's
+early exit."""
 import functools
 
 import flax.linen as nn
@@ -30,6 +31,25 @@ LOGPROB_TOL = dict(atol=1e-5, rtol=0)
 @functools.lru_cache(maxsize=None)
 def params():
     return tm.init_params(CFG, jax.random.key(0))
+
+
+AC_MODEL = ac.make_actor_critic("shared", CFG)
+
+
+@functools.lru_cache(maxsize=None)
+def ac_params():
+    """The policy-with-value params PPO trains: params() as the trunk, a fresh value head."""
+    fresh = nn.meta.unbox(tm.init_boxed_params(AC_MODEL, jax.random.key(0)))
+    return {**fresh, "trunk": params()}
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def ppo_logprobs(tokens, mask, temperature):
+    """PPO's recomputation of the response tokens' log-probs and entropies, float32 [R, N]
+    each: one uncached pass of the policy-with-value model (actor_critic.forward), scored by
+    actor_critic.response_logprobs, as rlhf/experience.py runs it."""
+    logits, _ = ac.forward(AC_MODEL, ac_params(), tokens, mask)
+    return ac.response_logprobs(logits, tokens, P, temperature)
 
 
 def left_pad(rows, width):
@@ -167,7 +187,7 @@ def test_left_padding_does_not_change_the_continuation():
     np.testing.assert_array_equal(padded.tokens[:, 3:], rollout.tokens)
 
 
-def test_sampled_logprobs_match_sequence_logprobs_and_samples_are_per_row():
+def test_sampled_logprobs_match_ppos_recomputation_and_samples_are_per_row():
     tokens, mask = left_pad(PROMPTS, P)
     n, temperature = 2, 0.7
     rollout = rl.generate(MODEL, params(), tokens, mask, jax.random.key(3), max_new_tokens=N,
@@ -187,21 +207,21 @@ def test_sampled_logprobs_match_sequence_logprobs_and_samples_are_per_row():
     np.testing.assert_array_equal(rollout.ended, ended)
     assert np.all(response[np.asarray(response_mask) == 0] == PAD)
 
-    logprobs, entropy = jax.jit(rl.sequence_logprobs, static_argnums=(0, 4, 5))(
-        MODEL, params(), rollout.tokens, rollout.mask, P, temperature)
-    np.testing.assert_allclose(rollout.logprobs, logprobs, **LOGPROB_TOL)
+    logprobs, entropy = ppo_logprobs(rollout.tokens, rollout.mask, temperature)
+    logprobs, entropy = np.asarray(logprobs), np.asarray(entropy)
     real = np.asarray(rollout.response_mask) == 1
-    assert np.all(np.asarray(logprobs)[real] < 0.0)
-    entropy = np.asarray(entropy)
+    np.testing.assert_allclose(np.asarray(rollout.logprobs)[real], logprobs[real], **LOGPROB_TOL)
+    assert np.all(logprobs[real] < 0.0)
     assert np.all((entropy[real] > 0.0) & (entropy[real] <= np.log(CFG.vocab_size) + 1e-5))
-    assert np.all(entropy[~real] == 0.0) and np.all(np.asarray(logprobs)[~real] == 0.0)
+    # After a row's EOS the sampler records nothing; PPO masks those tokens out.
+    assert np.all(np.asarray(rollout.logprobs)[~real] == 0.0)
 
 
 def test_top_k_one_sampling_is_greedy():
     tokens, mask = left_pad(PROMPTS, P)
     rollout, _ = greedy(tokens, mask)
-    sampled = rl.make_generate_fn(MODEL, max_new_tokens=N, top_k=1, eos_id=EOS,
-                                  pad_id=PAD)(params(), tokens, mask, jax.random.key(4))
+    sampled = rl.generate(MODEL, params(), tokens, mask, jax.random.key(4), max_new_tokens=N,
+                          top_k=1, eos_id=EOS, pad_id=PAD)
     np.testing.assert_array_equal(sampled.response, rollout.response)
     # Log-probs are those of the full softmax, not of the (one-token) filtered one.
     np.testing.assert_allclose(sampled.logprobs, rollout.logprobs, **LOGPROB_TOL)
@@ -248,23 +268,22 @@ def test_loop_exits_once_every_row_has_ended():
     assert int(steps) == first + 1 < N
 
 
-def test_ppo_update_logprobs_match_the_rollouts():
+def test_ppo_update_logprobs_match_the_reference_forward_and_the_rollouts():
     """The log-probs PPO's update computes (actor_critic.forward + response_logprobs, through
-    the policy-with-value model) equal the sampler's and `sequence_logprobs` on the response
-    tokens, so the first minibatch's ratio is exactly what the rollout implies."""
+    the policy-with-value model) equal the sampler's, and those the reference forward computes
+    from the bare Transformer with the same params (rlhf/experience.make_reference_forward:
+    apply with mask positions and segments, then response_logprobs), on the response tokens:
+    the first minibatch's ratio is exactly what the rollout implies, and the KL to an
+    unchanged reference is 0."""
     tokens, mask = left_pad(PROMPTS, P)
     temperature = 0.7
     rollout = rl.generate(MODEL, params(), tokens, mask, jax.random.key(5), max_new_tokens=N,
                           temperature=temperature, eos_id=EOS, pad_id=PAD, num_samples=2)
-    model = ac.make_actor_critic("shared", CFG)
-    value_head = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    ac_params = {**nn.meta.unbox(value_head), "trunk": params()}
-    logits, _ = ac.forward(model, ac_params, rollout.tokens, rollout.mask)
-    update_logprobs, _ = ac.response_logprobs(logits, rollout.tokens, P, temperature)
-    seq_logprobs, _ = rl.sequence_logprobs(MODEL, params(), rollout.tokens, rollout.mask, P,
-                                           temperature)
+    update_logprobs, _ = ppo_logprobs(rollout.tokens, rollout.mask, temperature)
+    ref_logits = uncached_logits_fn()(params(), rollout.tokens, rollout.mask)
+    ref_logprobs, _ = ac.response_logprobs(ref_logits, rollout.tokens, P, temperature)
     real = np.asarray(rollout.response_mask) == 1
-    np.testing.assert_allclose(np.asarray(update_logprobs)[real], np.asarray(seq_logprobs)[real],
+    np.testing.assert_allclose(np.asarray(update_logprobs)[real], np.asarray(ref_logprobs)[real],
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(update_logprobs)[real],
                                np.asarray(rollout.logprobs)[real], **LOGPROB_TOL)

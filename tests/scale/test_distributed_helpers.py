@@ -8,13 +8,14 @@ import signal
 import ml_collections
 import pytest
 
-from instructjax.stages import common
+from instructjax.stages import common, settings
 from instructjax.train import preemption as preemption_lib
 
 
 def _dist(**kw):
-    return ml_collections.ConfigDict(dict(dict(enabled=False, coordinator_address="",
-                                               num_processes=1, process_id=0), **kw))
+    config = ml_collections.ConfigDict({"distributed": dict(
+        dict(enabled=False, coordinator_address="", num_processes=1, process_id=0), **kw)})
+    return settings.distributed_from(config)
 
 
 def test_disabled_distributed_is_a_no_op():

@@ -17,6 +17,7 @@ import _multiprocess as mp
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.parallel import mesh as mesh_lib
+from instructjax.stages import settings
 from instructjax.train import host_state, loop
 from instructjax.train.losses import lm_loss_fn
 
@@ -108,6 +109,11 @@ class CountingBatches:
         self.position = int(state["position"])
 
 
+def run_loop(task, train, mesh, workdir, *, seed=0):
+    return loop.run_supervised(task, settings.loop_from(train, seed), settings.optim_from(train),
+                               mesh, workdir)
+
+
 def _task():
     model = Transformer(ModelConfig(vocab_size=32, embed_dim=16, num_layers=1, num_heads=2,
                                     num_kv_heads=2, head_dim=8, mlp_dim=32, max_seq_len=8))
@@ -121,15 +127,15 @@ def _train_cfg(steps):
         steps=steps, batch_size=2, learning_rate=1e-2, warmup_steps=1, decay="cosine",
         min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
         grad_accum_steps=1, eval_every=100, eval_batches=1, log_every=1, checkpoint_every=2,
-        keep_checkpoints=5, async_checkpoint=False))
+        keep_checkpoints=5, async_checkpoint=False, max_bad_steps=0))
 
 
 def test_one_process_loop_saves_a_list_and_resumes_a_legacy_checkpoint(tmp_path):
     mesh = mesh_lib.make_mesh({"data": -1}, jax.devices()[:1])
-    full = loop.run_supervised(_task(), _train_cfg(4), mesh, str(tmp_path / "full"), seed=0)
+    full = run_loop(_task(), _train_cfg(4), mesh, str(tmp_path / "full"), seed=0)
 
     workdir = str(tmp_path / "legacy")
-    loop.run_supervised(_task(), _train_cfg(2), mesh, workdir, seed=0)
+    run_loop(_task(), _train_cfg(2), mesh, workdir, seed=0)
     meta_path = os.path.join(workdir, "checkpoints", "2", "meta", "metadata")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
@@ -140,6 +146,6 @@ def test_one_process_loop_saves_a_list_and_resumes_a_legacy_checkpoint(tmp_path)
     with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f)
 
-    resumed = loop.run_supervised(_task(), _train_cfg(4), mesh, workdir, seed=0)
+    resumed = run_loop(_task(), _train_cfg(4), mesh, workdir, seed=0)
     assert resumed.finished and resumed.step == 4
     chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(full.state))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import _multiprocess as mp
-from instructjax.data import demo, tokenizer as tok_lib
+from instructjax.data import demo_corpus, tokenizer as tok_lib
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train.metrics import read_metrics
 
@@ -31,7 +31,8 @@ def corpus(tmp_path_factory):
     """{"train", "eval", "tokenizer"} paths: a small demo corpus and a tokenizer trained on it
     (given to the stage, so the 2 processes do not both train one into the workdir)."""
     root = tmp_path_factory.mktemp("pretrain_data")
-    paths = demo.write_demo_corpus(root / "corpus", seed=0, num_train_docs=400, num_eval_docs=20)
+    paths = demo_corpus.write_demo_corpus(root / "corpus", seed=0, num_train_docs=400,
+                                          num_eval_docs=20)
     tok = tok_lib.train_tokenizer([paths["train"]], str(root / "tok.model"), 512, seed=0)
     return {**paths, "tokenizer": tok.model_path}
 

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     import chex, jax, jax.numpy as jnp, numpy as np
     import flax.linen as nn
     from jax.sharding import PartitionSpec as P
-    from instructjax.data.pipeline import make_global_batch
+    from instructjax.parallel.batch import make_global_batch
     from instructjax.model import cache as cache_lib
     from instructjax.model.config import ModelConfig
     from instructjax.model.heads import RewardModel, ScalarHead

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from instructjax.stages import common, ppo as ppo_stage
+from instructjax.stages import common, ppo as ppo_stage, settings, workdirs
 from instructjax.train.metrics import read_metrics
 
 TRAIN_KEYS = ("score", "score_raw", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
@@ -68,9 +68,10 @@ def test_ratio_exactly_one_first_then_moves(ppo_run):
 def test_frozen_models_unchanged(ppo_run, stage_dirs):
     _, result = ppo_run
     root, cfg = stage_dirs
-    mesh = common.build_mesh(ppo_config(root, steps=1))
-    sft = common.load_transformer_params(str(root / "sft"), cfg, mesh)
-    rm, rm_params, _ = ppo_stage.load_reward_model(str(root / "reward"), ppo_config(root, 1), mesh)
+    s = settings.from_config(ppo_config(root, steps=1))
+    mesh = common.build_mesh(s.mesh, s.model, global_batch=s.ppo.minibatch_size)
+    sft = workdirs.load_transformer_params(str(root / "sft"), cfg, mesh)
+    rm, rm_params, _ = ppo_stage.load_reward_model(str(root / "reward"), s.model, mesh)
     assert result["frozen_checksums"] == ppo_stage.frozen_checksums(sft, rm_params)
 
 

@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 
 from configs import base
-from instructjax.stages import common
+from instructjax.stages import resume_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,66 +24,66 @@ def make_checkpoint_dir(workdir, step):
 def test_fresh_start_records_config_then_refuses_changed_keys(tmp_path):
     workdir = str(tmp_path)
     config = base.get_base("pretrain")
-    common.check_resume_config(config, workdir)
-    saved = json.loads((tmp_path / common.RUN_CONFIG).read_text())
+    resume_check.check_resume_config(config, workdir)
+    saved = json.loads((tmp_path / resume_check.RUN_CONFIG).read_text())
     assert saved["model.embed_dim"] == config.model.embed_dim and saved["train.steps"] == 1000
     make_checkpoint_dir(workdir, 500)
 
     changed = config.copy_and_resolve_references()
     changed.model.embed_dim = 2 * config.model.embed_dim
     changed.train.learning_rate = 1.0
-    with pytest.raises(common.ConfigChangedError) as err:
-        common.check_resume_config(changed, workdir)
+    with pytest.raises(resume_check.ConfigChangedError) as err:
+        resume_check.check_resume_config(changed, workdir)
     message = str(err.value)
     assert f"model.embed_dim: {config.model.embed_dim} -> {2 * config.model.embed_dim}" in message
     assert "train.learning_rate: 0.0003 -> 1.0" in message
-    assert json.loads((tmp_path / common.RUN_CONFIG).read_text()) == saved  # untouched
+    assert json.loads((tmp_path / resume_check.RUN_CONFIG).read_text()) == saved  # untouched
 
 
 def test_allowed_changes_are_accepted_and_recorded(tmp_path, capsys):
     workdir = str(tmp_path)
     config = base.get_base("sft")
-    common.check_resume_config(config, workdir)
+    resume_check.check_resume_config(config, workdir)
     make_checkpoint_dir(workdir, 500)
     changed = config.copy_and_resolve_references()
     changed.train.steps = 2000                  # longer: the schedule is recomputed
     changed.train.log_every = 1
     changed.mesh.fsdp = 2                       # resharded on restore
     changed.model.remat_policy = "full"         # same math, less memory
-    common.check_resume_config(changed, workdir)
+    resume_check.check_resume_config(changed, workdir)
     assert "learning-rate schedule is recomputed for 2000 steps" in capsys.readouterr().out
-    saved = json.loads((tmp_path / common.RUN_CONFIG).read_text())
+    saved = json.loads((tmp_path / resume_check.RUN_CONFIG).read_text())
     assert saved["train.steps"] == 2000 and saved["mesh.fsdp"] == 2
 
 
 def test_fewer_steps_than_the_newest_checkpoint_are_refused(tmp_path):
     workdir = str(tmp_path)
     config = base.get_base("pretrain")
-    common.check_resume_config(config, workdir)
+    resume_check.check_resume_config(config, workdir)
     make_checkpoint_dir(workdir, 500)
     config.train.steps = 400
-    with pytest.raises(common.ConfigChangedError, match="train.steps=400 is below the newest "
+    with pytest.raises(resume_check.ConfigChangedError, match="train.steps=400 is below the newest "
                                                         "checkpoint"):
-        common.check_resume_config(config, workdir)
+        resume_check.check_resume_config(config, workdir)
 
 
 def test_without_progress_the_config_is_simply_rewritten(tmp_path):
     workdir = str(tmp_path)
     config = base.get_base("pretrain")
-    common.check_resume_config(config, workdir)
+    resume_check.check_resume_config(config, workdir)
     config.model.embed_dim = 8  # no checkpoint yet: nothing to protect
-    common.check_resume_config(config, workdir)
-    assert json.loads((tmp_path / common.RUN_CONFIG).read_text())["model.embed_dim"] == 8
+    resume_check.check_resume_config(config, workdir)
+    assert json.loads((tmp_path / resume_check.RUN_CONFIG).read_text())["model.embed_dim"] == 8
 
 
 def test_may_change_on_resume_prefixes():
-    assert common.may_change_on_resume("mesh.data")
-    assert common.may_change_on_resume("train.steps")
-    assert not common.may_change_on_resume("train.stepsize")
-    assert not common.may_change_on_resume("model.embed_dim")
-    assert common.config_changes({"a": 1, "b": 2}, {"a": 1, "c": 3}) == {
+    assert resume_check.may_change_on_resume("mesh.data")
+    assert resume_check.may_change_on_resume("train.steps")
+    assert not resume_check.may_change_on_resume("train.stepsize")
+    assert not resume_check.may_change_on_resume("model.embed_dim")
+    assert resume_check.config_changes({"a": 1, "b": 2}, {"a": 1, "c": 3}) == {
         "b": (2, "<absent>"), "c": ("<absent>", 3)}
-    assert common.flatten_config(ml_collections.ConfigDict({"x": {"y": (1, 2)}})) == {
+    assert resume_check.flatten_config(ml_collections.ConfigDict({"x": {"y": (1, 2)}})) == {
         "x.y": [1, 2]}
 
 
@@ -134,33 +134,33 @@ def test_paths_relative_absolute_or_moved_run_still_resume(tmp_path, monkeypatch
     config = base.get_base("ppo")
     config.init_from = str(root / "sft")
     config.ppo.reward_from = str(root / "reward")
-    common.check_resume_config(config, str(root / "ppo"))
+    resume_check.check_resume_config(config, str(root / "ppo"))
     make_checkpoint_dir(str(root / "ppo"), 3)
-    saved = json.loads((root / "ppo" / common.RUN_CONFIG).read_text())
+    saved = json.loads((root / "ppo" / resume_check.RUN_CONFIG).read_text())
     assert saved["init_from"] == os.path.join("..", "sft")
 
     monkeypatch.chdir(tmp_path)  # the same run through relative paths
     relative = config.copy_and_resolve_references()
     relative.init_from, relative.ppo.reward_from = "run/sft", "run/reward"
-    common.check_resume_config(relative, "run/ppo")
+    resume_check.check_resume_config(relative, "run/ppo")
 
     moved = tmp_path / "elsewhere"
     shutil.move(str(root), str(moved))
     config.init_from, config.ppo.reward_from = str(moved / "sft"), str(moved / "reward")
-    common.check_resume_config(config, str(moved / "ppo"))
+    resume_check.check_resume_config(config, str(moved / "ppo"))
 
     config.init_from = str(tmp_path / "another" / "sft")  # a different SFT model: refused
-    with pytest.raises(common.ConfigChangedError, match="init_from"):
-        common.check_resume_config(config, str(moved / "ppo"))
+    with pytest.raises(resume_check.ConfigChangedError, match="init_from"):
+        resume_check.check_resume_config(config, str(moved / "ppo"))
 
 
 def test_keys_added_by_a_schema_change_are_accepted_with_a_note(tmp_path, capsys):
     workdir = str(tmp_path)
     config = base.get_base("sft")
-    common.check_resume_config(config, workdir)
+    resume_check.check_resume_config(config, workdir)
     make_checkpoint_dir(workdir, 3)
-    saved = json.loads((tmp_path / common.RUN_CONFIG).read_text())
+    saved = json.loads((tmp_path / resume_check.RUN_CONFIG).read_text())
     del saved["train.max_bad_steps"]  # as written by a version without that key
-    (tmp_path / common.RUN_CONFIG).write_text(json.dumps(saved))
-    common.check_resume_config(config, workdir)
+    (tmp_path / resume_check.RUN_CONFIG).write_text(json.dumps(saved))
+    resume_check.check_resume_config(config, workdir)
     assert "config schema changed" in capsys.readouterr().out

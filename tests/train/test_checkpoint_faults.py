@@ -25,11 +25,12 @@ from etils import epath
 
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib
-from instructjax.train import loop, optim
+from instructjax.train import optim
 from instructjax.train import state as state_lib
 from instructjax.train.checkpoint import CheckpointMismatchError, CheckpointSaveError
 from instructjax.train.losses import lm_loss_fn
-from test_loop import B, CFG, T, SyntheticBatches, make_task, mesh, train_cfg  # noqa: F401
+from instructjax.stages import settings
+from test_loop import B, CFG, T, SyntheticBatches, make_task, mesh, run_loop, train_cfg  # noqa: F401
 
 ENOSPC_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -43,7 +44,7 @@ def init_fn(cfg):
 
 def state_and_target(cfg, mesh):
     """A concrete TrainState for `cfg` and its restore target (ShapeDtypeStructs)."""
-    tx = optim.make_optimizer(optim.OptimConfig.from_train_config(train_cfg()))
+    tx = optim.make_optimizer(settings.optim_from(train_cfg()))
     abstract, shardings = state_lib.state_shardings(init_fn(cfg), tx, mesh)
     state = state_lib.create_state(init_fn(cfg), tx, shardings, 0, None)
     return state, ckpt_lib.abstract_with_shardings(abstract, shardings)
@@ -253,11 +254,11 @@ def test_shape_mismatch_raises_and_moves_nothing(tmp_path, mesh, capsys):
     every checkpoint stays where it is and restores with the config it was written with."""
     workdir = str(tmp_path)
     directory = os.path.join(workdir, "checkpoints")
-    loop.run_supervised(make_task(), train_cfg(steps=3), mesh, workdir, seed=0)
+    run_loop(make_task(), train_cfg(steps=3), mesh, workdir, seed=0)
     before = sorted(os.listdir(directory))
     wider = dataclasses.replace(CFG, embed_dim=48)
     with pytest.raises(CheckpointMismatchError) as caught:
-        loop.run_supervised(task_with(wider), train_cfg(steps=6), mesh, workdir, seed=0)
+        run_loop(task_with(wider), train_cfg(steps=6), mesh, workdir, seed=0)
     message = str(caught.value)
     assert caught.value.step == 3 and directory in message and "step 3" in message
     assert "params/embed/embedding: saved (64, 32) float32, expected (64, 48) float32" \

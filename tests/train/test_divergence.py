@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from instructjax.train import checkpoint as ckpt_lib
-from instructjax.train import divergence, loop
+from instructjax.train import divergence
 from instructjax.train.metrics import MetricsWriter, read_metrics
-from test_loop import (B, SyntheticBatches, make_task, mesh,  # noqa: F401 (fixture)
+from test_loop import (B, SyntheticBatches, make_task, mesh, run_loop,  # noqa: F401 (fixture)
                        tensorboard_events, train_cfg)
 
 BAD_POSITION = 5  # the 5th batch drawn, i.e. the batch of step 5
@@ -53,7 +53,7 @@ def checkpoint_steps(workdir):
 def test_nan_at_step_k_stops_at_k_naming_metric_and_position(tmp_path, mesh):
     workdir = str(tmp_path)
     with pytest.raises(divergence.DivergenceError) as err:
-        loop.run_supervised(poisoned_task(), train_cfg(checkpoint_every=2), mesh, workdir, seed=0)
+        run_loop(poisoned_task(), train_cfg(checkpoint_every=2), mesh, workdir, seed=0)
     message = str(err.value)
     assert "step 5" in message and "loss=nan" in message and "grad_norm=nan" in message
     assert '"batch": 4' in message and '"position": 4' in message  # batch index + iterator
@@ -73,9 +73,9 @@ def test_resume_after_divergence_with_skip_budget_finishes(tmp_path, mesh):
     """Stopped at 5; rerun with max_bad_steps=1 resumes from 4, skips batch 5, finishes."""
     workdir = str(tmp_path)
     with pytest.raises(divergence.DivergenceError):
-        loop.run_supervised(poisoned_task(), train_cfg(checkpoint_every=2), mesh, workdir,
+        run_loop(poisoned_task(), train_cfg(checkpoint_every=2), mesh, workdir,
                             seed=0)
-    result = loop.run_supervised(poisoned_task(),
+    result = run_loop(poisoned_task(),
                                  train_cfg(checkpoint_every=1, max_bad_steps=1),
                                  mesh, workdir, seed=0)
     assert result.finished and result.step == 8
@@ -86,7 +86,7 @@ def test_resume_after_divergence_with_skip_budget_finishes(tmp_path, mesh):
 
 def test_skipped_step_leaves_params_and_optimizer_state_untouched(tmp_path, mesh):
     workdir = str(tmp_path)
-    result = loop.run_supervised(poisoned_task(), train_cfg(checkpoint_every=1, keep_checkpoints=10,
+    result = run_loop(poisoned_task(), train_cfg(checkpoint_every=1, keep_checkpoints=10,
                                                             max_bad_steps=2),
                                  mesh, workdir, seed=0)
     assert result.finished

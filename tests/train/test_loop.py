@@ -18,6 +18,7 @@ from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.parallel import mesh as mesh_lib
 from instructjax.train.losses import lm_loss_fn
+from instructjax.stages import settings
 from instructjax.train import loop
 from instructjax.train.metrics import read_metrics
 
@@ -59,9 +60,16 @@ def train_cfg(**overrides):
     cfg = dict(steps=8, batch_size=B, learning_rate=1e-2, warmup_steps=2, decay="cosine",
                min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
                grad_accum_steps=1, eval_every=4, eval_batches=2, log_every=2,
-               checkpoint_every=3, keep_checkpoints=5, async_checkpoint=False)
+               checkpoint_every=3, keep_checkpoints=5, async_checkpoint=False, max_bad_steps=0)
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
+
+
+def run_loop(task, train: ml_collections.ConfigDict, mesh, workdir: str, *, seed: int = 0):
+    """`loop.run_supervised` with a `config.train`-shaped ConfigDict, converted as the stages
+    convert theirs (stages/settings.py)."""
+    return loop.run_supervised(task, settings.loop_from(train, seed), settings.optim_from(train),
+                               mesh, workdir)
 
 
 def make_task(on_batch=None):
@@ -83,7 +91,7 @@ def mesh():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mesh):
     workdir = str(tmp_path_factory.mktemp("full"))
-    result = loop.run_supervised(make_task(), train_cfg(), mesh, workdir, seed=0)
+    result = run_loop(make_task(), train_cfg(), mesh, workdir, seed=0)
     return workdir, jax.device_get(result.state)
 
 
@@ -108,11 +116,11 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, mesh, uninterrupted
         if position == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = loop.run_supervised(make_task(kill_at_5), train_cfg(), mesh, workdir, seed=0)
+    first = run_loop(make_task(kill_at_5), train_cfg(), mesh, workdir, seed=0)
     assert first.preempted and first.step == 5 and not first.finished
     assert 5 in os.listdir(os.path.join(workdir, "checkpoints")) or \
         "5" in os.listdir(os.path.join(workdir, "checkpoints"))
-    second = loop.run_supervised(make_task(), train_cfg(), mesh, workdir, seed=0)
+    second = run_loop(make_task(), train_cfg(), mesh, workdir, seed=0)
     assert second.finished and second.step == 8
     # bit-identical: same data position, same RNG, same optimiser state
     chex.assert_trees_all_equal(jax.device_get(second.state), expected)
@@ -151,10 +159,10 @@ def test_error_mid_run_commits_checkpoint_and_events_then_resumes(tmp_path, mesh
             raise ValueError("malformed batch 5")
 
     with pytest.raises(ValueError, match="malformed batch 5"):
-        loop.run_supervised(make_task(bad_batch_at_5), train_cfg(async_checkpoint=True), mesh,
+        run_loop(make_task(bad_batch_at_5), train_cfg(async_checkpoint=True), mesh,
                             workdir, seed=0)
     assert {"train/loss", "eval/loss"} <= tensorboard_tags(workdir)
-    again = loop.run_supervised(make_task(), train_cfg(async_checkpoint=True), mesh, workdir,
+    again = run_loop(make_task(), train_cfg(async_checkpoint=True), mesh, workdir,
                                 seed=0)
     assert again.finished and again.step == 8
     chex.assert_trees_all_equal(jax.device_get(again.state), expected)
@@ -162,13 +170,13 @@ def test_error_mid_run_commits_checkpoint_and_events_then_resumes(tmp_path, mesh
 
 def test_finished_stage_is_skipped(tmp_path, mesh, capsys):
     workdir = str(tmp_path)
-    loop.run_supervised(make_task(), train_cfg(steps=3), mesh, workdir, seed=0)
+    run_loop(make_task(), train_cfg(steps=3), mesh, workdir, seed=0)
     capsys.readouterr()
 
     def fail(_):
         raise AssertionError("a finished stage must not train again")
 
-    again = loop.run_supervised(make_task(fail), train_cfg(steps=3), mesh, workdir, seed=0)
+    again = run_loop(make_task(fail), train_cfg(steps=3), mesh, workdir, seed=0)
     assert again.skipped
     assert "already finished" in capsys.readouterr().out
 
@@ -176,7 +184,7 @@ def test_finished_stage_is_skipped(tmp_path, mesh, capsys):
 def test_broken_checkpoint_falls_back_to_previous(tmp_path, mesh, uninterrupted, capsys):
     _, expected = uninterrupted
     workdir = str(tmp_path)
-    loop.run_supervised(make_task(), train_cfg(steps=6), mesh, workdir, seed=0)
+    run_loop(make_task(), train_cfg(steps=6), mesh, workdir, seed=0)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [3, 6]
     # corrupt every file of the newest checkpoint's state
@@ -185,7 +193,7 @@ def test_broken_checkpoint_falls_back_to_previous(tmp_path, mesh, uninterrupted,
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     capsys.readouterr()
-    resumed = loop.run_supervised(make_task(), train_cfg(), mesh, workdir, seed=0)
+    resumed = run_loop(make_task(), train_cfg(), mesh, workdir, seed=0)
     out = capsys.readouterr().out
     assert "broken" in out and "resuming from step 3" in out
     assert resumed.finished
@@ -193,9 +201,9 @@ def test_broken_checkpoint_falls_back_to_previous(tmp_path, mesh, uninterrupted,
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path, mesh):
-    full = loop.run_supervised(make_task(), train_cfg(steps=2, eval_every=100),
+    full = run_loop(make_task(), train_cfg(steps=2, eval_every=100),
                                mesh, str(tmp_path / "a"), seed=0)
-    accum = loop.run_supervised(make_task(), train_cfg(steps=2, eval_every=100, grad_accum_steps=2),
+    accum = run_loop(make_task(), train_cfg(steps=2, eval_every=100, grad_accum_steps=2),
                                 mesh, str(tmp_path / "b"), seed=0)
     # float32 sums in a different order: agreement to ~1e-6 relative
     chex.assert_trees_all_close(jax.device_get(accum.state.params),
@@ -216,12 +224,12 @@ def test_sigterm_during_eval_saves_consistent_step_and_resume_is_bit_identical(
 
     task = make_task()
     task.extra_eval = eval_then_signal
-    first = loop.run_supervised(task, train_cfg(), mesh, workdir, seed=0)
+    first = run_loop(task, train_cfg(), mesh, workdir, seed=0)
     assert first.preempted and first.step == 4
     assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))
     task = make_task()
     task.extra_eval = lambda params, step: {"probe": float(step)}
-    second = loop.run_supervised(task, train_cfg(), mesh, workdir, seed=0)
+    second = run_loop(task, train_cfg(), mesh, workdir, seed=0)
     assert second.finished and second.step == 8
     chex.assert_trees_all_equal(jax.device_get(second.state), expected)
     evals = [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"]
@@ -240,9 +248,9 @@ def test_attempt_killed_before_its_first_checkpoint_restarts_with_its_rows_kept_
             raise RuntimeError("simulated kill before the first checkpoint")
 
     with pytest.raises(RuntimeError, match="simulated kill"):
-        loop.run_supervised(make_task(die_at_2), train_cfg(), mesh, workdir, seed=0)
+        run_loop(make_task(die_at_2), train_cfg(), mesh, workdir, seed=0)
     assert [r["step"] for r in read_metrics(workdir)] == [0]  # the step-0 eval
-    result = loop.run_supervised(make_task(), train_cfg(), mesh, workdir, seed=0)
+    result = run_loop(make_task(), train_cfg(), mesh, workdir, seed=0)
     chex.assert_trees_all_equal(jax.device_get(result.state), expected)
     aside = glob.glob(os.path.join(workdir, "metrics.jsonl.previous-*"))
     assert len(aside) == 1 and [r["step"] for r in read_metrics(aside[0])] == [0]

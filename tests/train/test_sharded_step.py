@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent("""
     from instructjax.model.config import ModelConfig
     from instructjax.model.transformer import Transformer
     from instructjax.parallel import mesh as mesh_lib
-    from instructjax.data.pipeline import make_global_batch
+    from instructjax.parallel.batch import make_global_batch
     from instructjax.train import optim, state as state_lib, step as step_lib
     from instructjax.train.losses import lm_loss_fn
 

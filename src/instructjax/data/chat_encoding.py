@@ -279,7 +279,7 @@ def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTempl
 
     Returns:
         `(tokens, weights)`: lists of n <= max_length ints and floats; `weights[j]` is the
-        weight of predicting token j (pipeline.pack_documents' convention): 1.0 on assistant
+        weight of predicting token j (packing.pack_documents' convention): 1.0 on assistant
         answer tokens (not on the `小元：` cue) and on the final EOS, 0.0 elsewhere.
     """
     if train_on not in TRAIN_ON:

@@ -3,11 +3,11 @@
 `iter_records` / `read_records` parse files into the `formats` dataclasses; every malformed
 line is an error naming its `file:line`, or, when asked, skipped and reported.
 
-The `build_*_source` functions build TFDS datasets: they parse the input files as above,
-write the parsed records in one normalised JSON-lines form under `data_dir/<name>/normalised/`,
-and build the dataset from those files with `tfds_builders.build_jsonl_source` (array_record,
-cached by content: the same inputs reuse the built dataset). Reading a split back gives the
-`formats` dataclasses.
+The `build_*_source` functions build TFDS datasets: they parse the input files as above (on
+every call, so every call reports what it skipped) and store the parsed records' examples
+directly with `tfds_builders.build_example_source` (array_record, cached by the examples'
+content: the same inputs reuse the built dataset). Reading a split back gives the `formats`
+dataclasses.
 
 Stored features: `roles`, `contents` (text lists: the dialogue's turns, or the context of a
 comparison or prompt) and `source` (text, "path:line" of the input record); comparisons add
@@ -28,8 +28,6 @@ Over-long contexts and answers are cut when encoded (`chat_encoding`), not here.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -43,35 +41,11 @@ _FEATURES = {
                    "order": "int_list", "source": "text"},
     "prompt": {"roles": "text_list", "contents": "text_list", "source": "text"},
 }
-# Part of the TFDS cache key: bump when the normalised form changes meaning.
-_NORMALISED_VERSION = 1
+# Part of the TFDS cache key: bump when the stored form of a record changes meaning.
+_EXAMPLE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------ reading
-
-def _read_lines_lenient(spec: jsonl.PathSpec, on_skip: Callable[[str], None]
-                        ) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Like `jsonl.read_jsonl`, but reports an unreadable line to `on_skip` and goes on."""
-    # read_jsonl's generator ends at its first error, so it cannot skip a bad line and
-    # continue; its per-line checks (UTF-8, BOM, blank lines, JSON object) are mirrored here.
-    for path in jsonl.resolve_paths(spec):
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                    line = line.lstrip("\ufeff") if line_no == 1 else line
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                except ValueError as e:  # incl. UnicodeDecodeError, JSONDecodeError
-                    on_skip(f"{path}:{line_no}: unreadable line ({type(e).__name__}: {e})")
-                    continue
-                if not isinstance(record, dict):
-                    on_skip(f"{path}:{line_no}: expected a JSON object, got "
-                            f"{type(record).__name__}")
-                    continue
-                yield path, line_no, record
-
 
 def iter_records(spec: jsonl.PathSpec, kind: str, *, fmt: str = "auto",
                  on_skip: Callable[[str], None] | None = None
@@ -90,7 +64,7 @@ def iter_records(spec: jsonl.PathSpec, kind: str, *, fmt: str = "auto",
         FileNotFoundError: the spec matches no file.
         jsonl.DataFormatError: `"path:line: reason"` (only when `on_skip` is None).
     """
-    lines = jsonl.read_jsonl(spec) if on_skip is None else _read_lines_lenient(spec, on_skip)
+    lines = jsonl.read_jsonl(spec) if on_skip is None else jsonl.read_jsonl_lenient(spec, on_skip)
     for path, line_no, record in lines:
         try:
             yield path, line_no, formats.parse_record(record, kind, fmt=fmt, path=path,
@@ -177,56 +151,40 @@ class ParsedSource:
         return f"ParsedSource({self.kind}, {self._source!r})"
 
 
-def _write_if_changed(path: str, text: str) -> None:
-    data = text.encode("utf-8")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return  # untouched, so nothing downstream sees a new file
-    tmp_path = f"{path}.{os.getpid()}.tmp"  # per process: hosts may build side by side
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Normalised:
-    """One split's input parsed and written: `path` of the normalised file, its `count` of
-    records, the `skipped` (malformed) and `empty` (kept) `"path:line: reason"` messages."""
-    path: str
-    count: int
-    skipped: tuple[str, ...]
-    empty: tuple[str, ...]
+class _ParsedSplit:
+    """One split's input parsed: its stored `examples` (`record_to_example`, in file order),
+    the `skipped` (malformed) and `empty` (kept) `"path:line: reason"` messages."""
+    examples: list[dict[str, Any]]
+    skipped: tuple[str, ...] = ()
+    empty: tuple[str, ...] = ()
 
 
-def _normalise(kind: str, split: str, paths: jsonl.PathSpec, fmt: str, skip_malformed: bool,
-               out_dir: str) -> _Normalised:
-    """Parses one split's files and writes them normalised (raises/warns: module docstring)."""
+def _parse_split(kind: str, split: str, paths: jsonl.PathSpec, fmt: str,
+                 skip_malformed: bool) -> _ParsedSplit:
+    """Parses one split's files into examples (raises/warns: module docstring)."""
     skipped: list[str] = []
     empty: list[str] = []
-    lines = []
+    examples = []
     for path, line_no, record in iter_records(
             paths, kind, fmt=fmt, on_skip=skipped.append if skip_malformed else None):
         empty_parts = formats.empty_texts(record)
         if empty_parts:
             empty.append(f"{path}:{line_no}: empty {', '.join(empty_parts)}")
-        lines.append(json.dumps(record_to_example(record, f"{path}:{line_no}"),
-                                ensure_ascii=False))
+        examples.append(record_to_example(record, f"{path}:{line_no}"))
     if skipped:
         warnings.warn(f"{split} split: skipped {len(skipped)} malformed {kind} record(s); "
                       f"first: {skipped[0]}", stacklevel=3)
     if empty:
         warnings.warn(f"{split} split: kept {len(empty)} {kind} record(s) with an empty "
                       f"answer, response or question; first: {empty[0]}", stacklevel=3)
-    if not lines:
+    if not examples:
         files = jsonl.resolve_paths(paths)
         why = (f"{len(skipped)} malformed line(s) skipped, first: {skipped[0]}" if skipped
                else jsonl.no_lines_reason(files))
         raise jsonl.DataFormatError(f"{jsonl.describe_paths(files)}: the {split!r} split "
                                     f"holds no {kind} records ({why})")
-    out_path = os.path.join(out_dir, f"{split}.jsonl")
-    _write_if_changed(out_path, "".join(line + "\n" for line in lines))
-    return _Normalised(out_path, len(lines), tuple(skipped), tuple(empty))
+    return _ParsedSplit(examples, tuple(skipped), tuple(empty))
 
 
 def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
@@ -260,33 +218,27 @@ def build_parsed_source(kind: str, train_paths: jsonl.PathSpec,
     """
     if kind not in _FEATURES:
         raise ValueError(f"unknown record kind {kind!r}; kinds: {sorted(_FEATURES)}")
-    if not name or os.sep in name or name in (".", ".."):
-        raise ValueError(f"dataset name must be a plain directory name, got {name!r}")
+    tfds_builders.check_dataset_name(name)
     split_paths: dict[str, Any] = {"train": train_paths}
     if eval_paths:
         split_paths["eval"] = eval_paths
-    out_dir = os.path.join(os.fspath(data_dir), name, "normalised")
-    os.makedirs(out_dir, exist_ok=True)
-    normalised = {split: _normalise(kind, split, paths, fmt, skip_malformed, out_dir)
-                  for split, paths in split_paths.items()}
+    parsed = {split: _parse_split(kind, split, paths, fmt, skip_malformed)
+              for split, paths in split_paths.items()}
+    files = {split: jsonl.resolve_paths(paths) for split, paths in split_paths.items()}
     holdout = ("train", "eval", eval_percent) if eval_percent and not eval_paths else None
-    if holdout:  # checked here, where the error can name the user's files
-        tfds_builders.holdout_sizes(normalised["train"].count, eval_percent,
-                                    jsonl.resolve_paths(train_paths))
-    features = _FEATURES[kind]
-
-    def to_example(record: dict[str, Any], path: str, line_no: int) -> dict[str, Any]:
-        del path, line_no  # written by _normalise, hence well formed
-        return {key: record[key] for key in features}
-
-    spec = tfds_builders.RecordSpec(name=f"{kind}:normalised-v{_NORMALISED_VERSION}",
-                                    features=features, to_example=to_example)
-    sources = tfds_builders.build_jsonl_source(
-        spec, {split: n.path for split, n in normalised.items()}, data_dir, name=name,
-        holdout=holdout)
-    reports = {split: (jsonl.SkipReport.of(n.skipped), jsonl.SkipReport.of(n.empty))
-               for split, n in normalised.items()}
-    return {split: ParsedSource(source, kind, *reports.get(split, ()))
+    if holdout:  # the last records, in file order; the held-out split reports nothing
+        train = parsed["train"]
+        kept, _ = tfds_builders.holdout_sizes(len(train.examples), eval_percent,
+                                              files["train"])
+        parsed = {"train": dataclasses.replace(train, examples=train.examples[:kept]),
+                  "eval": _ParsedSplit(train.examples[kept:])}
+    sources = tfds_builders.build_example_source(
+        f"{kind}:v{_EXAMPLE_VERSION}", _FEATURES[kind],
+        {split: p.examples for split, p in parsed.items()}, data_dir, name=name,
+        metadata=dict(kind=kind, holdout=holdout, files={
+            split: [os.path.abspath(p) for p in ps] for split, ps in files.items()}))
+    return {split: ParsedSource(source, kind, jsonl.SkipReport.of(parsed[split].skipped),
+                                jsonl.SkipReport.of(parsed[split].empty))
             for split, source in sources.items()}
 
 

@@ -34,8 +34,9 @@ it user and assistant turns alternate, starting with the user (ChatYuan's text f
 way to show two turns of one speaker in a row, so that is an error, not a silent merge).
 Contents are kept verbatim (pCLUE inputs keep their trailing "\\n答案："); empty contents are
 allowed, and `empty_texts` names an empty final answer, response or question so that the
-dataset builders can count such records (they are kept: see `dialogue_sources`). A "prompt" string is one user turn, unless it is an HH transcript (starts with
-"\\n\\nHuman:"), which is split into turns as below.
+dataset builders can count such records (they are kept: see `dialogue_sources`). A "prompt"
+string is one user turn, unless it is an HH transcript (starts with "\\n\\nHuman:"), which
+is split into turns as below.
 
 HH transcripts: turns start at "\\n\\nHuman:" and "\\n\\nAssistant:" (an inline "  Human:"
 inside a turn is text, not a turn). The answer is what follows the first "\\n\\nAssistant:"

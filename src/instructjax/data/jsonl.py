@@ -1,10 +1,11 @@
-"""Read JSON-lines data files and report malformed records by file and line.
+"""Read JSON-lines data files, reporting malformed records by file and line; write them.
 
 Every data format of the project (text, SFT dialogues, comparisons, prompts) is one JSON
 object per line. This module finds the files (a file, a glob or a directory), yields the
 records with their location, and turns every problem into a `DataFormatError` whose message
 starts with `path:line:` so a user can open the offending line directly; problems of a whole
-file (no records at all) name the file instead.
+file (no records at all) name the file instead. `read_jsonl_lenient` skips and reports bad
+lines instead; `write_jsonl` writes records (the demo data) atomically.
 
 What a reader accepts from any user file: UTF-8 only (another encoding, e.g. GBK, is refused
 at the first line that is not valid UTF-8); a UTF-8 byte-order mark at the start of a file,
@@ -21,7 +22,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Union
 
 PathSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -188,6 +189,39 @@ def read_jsonl(spec: PathSpec) -> Iterator[tuple[str, int, dict[str, Any]]]:
                 yield path, line_no, record
 
 
+def read_jsonl_lenient(spec: PathSpec, on_skip: Callable[[str], None]
+                       ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Like `read_jsonl`, but a line that is not a JSON object is skipped, not an error.
+
+    Args:
+        spec: a path spec as accepted by `resolve_paths`.
+        on_skip: called with `"{path}:{line_no}: reason"` for every skipped line (invalid
+            UTF-8 or JSON, a JSON value that is not an object), so nothing is dropped unseen.
+
+    Yields:
+        `(path, line_no, record)` as `read_jsonl` does, for the readable lines.
+    """
+    # read_jsonl's generator ends at its first error, so it cannot skip a bad line and
+    # continue; its per-line checks (UTF-8, BOM, blank lines, JSON object) are mirrored here.
+    for path in resolve_paths(spec):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                    line = line.lstrip("\ufeff") if line_no == 1 else line
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                except ValueError as e:  # incl. UnicodeDecodeError, JSONDecodeError
+                    on_skip(f"{path}:{line_no}: unreadable line ({type(e).__name__}: {e})")
+                    continue
+                if not isinstance(record, dict):
+                    on_skip(f"{path}:{line_no}: expected a JSON object, got "
+                            f"{type(record).__name__}")
+                    continue
+                yield path, line_no, record
+
+
 def require_field(record: dict[str, Any], name: str, path: str, line_no: int,
                                 type_: type | tuple[type, ...]) -> Any:
     """Returns `record[name]` after checking that it exists and has the expected type.
@@ -218,3 +252,14 @@ def require_field(record: dict[str, Any], name: str, path: str, line_no: int,
         raise DataFormatError(
             f"{path}:{line_no}: field {name!r} must be {expected}, got {type(value).__name__}")
     return value
+
+
+def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> None:
+    """Writes records as UTF-8 JSON lines (non-ASCII kept as is), replacing `path` atomically."""
+    # Per-process temporary name: processes of a multi-host run sharing a workdir may write
+    # the same (identical) file at once; the atomic replace leaves one complete copy.
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp_path, path)

@@ -1,36 +1,29 @@
-"""TFDS datasets built from local JSON-lines files, read back as random-access sources.
+"""TFDS datasets (array_record) built once per fingerprint, read back as random-access sources.
 
-One generic builder serves every record format: a `RecordSpec` names the stored features
-and how a JSON record becomes an example (validating it, with file:line in every error).
-`text_spec` is the pretraining format; SFT, comparison and prompt datasets are built on
-the same function in `dialogue_sources.py`. Datasets are written as array_record (no TensorFlow needed) and
-read with `as_data_source()`; the tfrecord and parquet formats and `as_dataset` are avoided
-(ENV-NOTES.md).
-
-A build is cached under `data_dir/<name>/<fingerprint>/`, where the fingerprint hashes the
-spec and the content of the input files: calling again with the same inputs reuses it,
-changed inputs build a fresh copy beside it.
-
-Bad input: a malformed record is a `jsonl.DataFormatError` naming `file:line` (nothing is
-marked complete, so the next call retries). A record the spec leaves out on purpose
-(`SkipRecord`, e.g. an empty pretraining text) is counted: the split's `RecordSource.skipped`
-holds the count and the first few `file:line: reason` messages, saved beside the build so a
-cached build reports it too, and a warning states it on every call. A split left without
-records (empty files, files of blank lines, every record skipped, a holdout that takes
-everything) is a `DataFormatError` naming the files.
+One generic builder serves every record format. `build_dataset` writes a dataset from split
+generators of (key, example) under `data_dir/<name>/<fingerprint>/`, or reuses it when a
+complete one is there: the callers' fingerprints hash everything the examples depend on, so
+the same inputs reuse the build and changed inputs build a fresh copy beside it. Two callers
+feed it:
+  `text_sources` streams pretraining JSON-lines files through a `RecordSpec` (fingerprint:
+      the spec and the files' content);
+  `build_example_source` stores examples already in memory (fingerprint: the examples):
+      `dialogue_sources` parses SFT, comparison and prompt files into records, reporting
+      every bad line by file and line, and hands their examples over directly.
+Splits read back as `RecordSource`s. Datasets are written as array_record (no TensorFlow
+needed) and read with `as_data_source()`; the tfrecord and parquet formats and `as_dataset`
+are avoided (ENV-NOTES.md).
 
 tensorflow_datasets is imported lazily, so this module imports on machines without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,56 +31,23 @@ import numpy as np
 
 from instructjax.data import jsonl
 
-_VERSION = "1.0.0"
-_SKIPPED_FILE = "skipped-{split}.json"  # beside the TFDS data, one per split
-# Feature kinds a RecordSpec may use, and what each becomes when read back.
+BUILDER_VERSION = "1.0.0"  # part of every fingerprint
+# Feature kinds a dataset may store, and what each becomes when read back.
 FEATURE_KINDS = ("text", "int", "float", "text_list", "int_list", "float_list")
 
 
-class SkipRecord(Exception):
-    """Raised by a `RecordSpec.to_example` to leave a record out (counted, not an error); the
-    message is `"path:line: reason"`."""
+def check_features(spec_name: str, features: Mapping[str, str]) -> None:
+    """Raises ValueError naming the first feature whose kind is not in FEATURE_KINDS."""
+    for field, kind in features.items():
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"spec {spec_name!r}: feature {field!r} has unknown kind "
+                             f"{kind!r}; valid kinds: {FEATURE_KINDS}")
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordSpec:
-    """How JSON records of one format are stored.
-
-    Attributes:
-        name: identifies the format and its options in the cache key; change it whenever
-            `to_example` changes meaning.
-        features: example field -> kind, one of FEATURE_KINDS ("text" is read back as str,
-            "int"/"float" as Python numbers, "*_list" as lists).
-        to_example: `(record, path, line_no) -> example dict` with exactly the `features`
-            keys; raises `jsonl.DataFormatError` naming `path:line_no` for a bad record, or
-            `SkipRecord` for one to leave out (counted in `RecordSource.skipped`).
-    """
-    name: str
-    features: Mapping[str, str]
-    to_example: Callable[[dict[str, Any], str, int], dict[str, Any]]
-
-    def __post_init__(self):
-        for field, kind in self.features.items():
-            if kind not in FEATURE_KINDS:
-                raise ValueError(f"RecordSpec {self.name!r}: feature {field!r} has unknown kind "
-                                 f"{kind!r}; valid kinds: {FEATURE_KINDS}")
-
-
-def text_spec(text_field: str = "text") -> RecordSpec:
-    """Pretraining text: the str field `text_field` of each record, stored as "text".
-
-    Other fields are ignored. A missing or non-str field is an error; an empty or
-    whitespace-only text is skipped and counted (it would train only "BOS then EOS").
-    A text of any length is kept whole; packing cuts it into seq_len chunks.
-    """
-    def to_example(record: dict[str, Any], path: str, line_no: int) -> dict[str, Any]:
-        text = jsonl.require_field(record, text_field, path, line_no, str)
-        if not text.strip():
-            raise SkipRecord(f"{path}:{line_no}: empty {text_field!r}")
-        return {"text": text}
-    # ":skip-empty" keeps builds made before empty texts were skipped out of the cache.
-    return RecordSpec(name=f"text:{text_field}:skip-empty", features={"text": "text"},
-                      to_example=to_example)
+def check_dataset_name(name: str) -> None:
+    """Raises ValueError unless `name` is a plain directory name (the dataset's cache dir)."""
+    if not name or os.sep in name or name in (".", ".."):
+        raise ValueError(f"dataset name must be a plain directory name, got {name!r}")
 
 
 class RecordSource:
@@ -145,38 +105,6 @@ def holdout_sizes(total: int, percent: int, files: Sequence[str]) -> tuple[int, 
     return total - held, held
 
 
-def _kept_examples(spec: RecordSpec, files: Sequence[str], skipped: list[str] | None = None):
-    """Yields `(path, line_no, example)` for the records of `files` that the spec keeps;
-    appends the message of each left-out one to `skipped` when given."""
-    for path, line_no, record in jsonl.read_jsonl(files):
-        try:
-            example = spec.to_example(record, path, line_no)
-        except SkipRecord as e:
-            if skipped is not None:
-                skipped.append(str(e))
-            continue
-        yield path, line_no, example
-
-
-def _write_skipped(builder_dir: str, split: str, messages: Sequence[str]) -> None:
-    report = jsonl.SkipReport.of(messages)
-    os.makedirs(builder_dir, exist_ok=True)
-    path = os.path.join(builder_dir, _SKIPPED_FILE.format(split=split))
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        json.dump({"count": report.count, "first": list(report.first)}, f, ensure_ascii=False)
-    os.replace(tmp_path, path)
-
-
-def _read_skipped(builder_dir: str, split: str) -> jsonl.SkipReport:
-    path = os.path.join(builder_dir, _SKIPPED_FILE.format(split=split))
-    if not os.path.exists(path):  # a held-out split counts nothing
-        return jsonl.SkipReport()
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    return jsonl.SkipReport(int(saved["count"]), tuple(saved["first"]))
-
-
 def _tfds():
     try:
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -205,10 +133,10 @@ def _builder_class():
     tfds = _tfds()
 
     class JsonlRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Local JSON-lines files -> one TFDS split per entry of `split_files`, plus an
-        optional split held out from one of them (see `build_jsonl_source`)."""
+        """One TFDS split per entry of `make_splits()`: split -> iterable of (key, example),
+        keys sorting in the order the examples are to be stored."""
 
-        VERSION = tfds.core.Version(_VERSION)
+        VERSION = tfds.core.Version(BUILDER_VERSION)
 
         # TFDS 4.9.10 locates a builder's source file (only to find URL checksums) with a
         # check that imports the `importlib_resources` backport, absent on Python >= 3.9,
@@ -219,173 +147,108 @@ def _builder_class():
         def code_path(cls):
             return None
 
-        def __init__(self, *, spec: RecordSpec, split_files: Mapping[str, list[str]],
-                     holdout: tuple[str, str, int] | None, data_dir: str):
-            self._spec = spec
-            self._split_files = dict(split_files)
-            self._holdout = holdout
-            self._report_dir = data_dir  # the per-split skip reports go here
+        def __init__(self, *, description: str, features: Mapping[str, str],
+                     metadata: Mapping[str, Any], make_splits: Callable[[], Mapping[str, Any]],
+                     data_dir: str):
+            self._description = description
+            self._features = dict(features)
+            self._metadata = dict(metadata)
+            self._make_splits = make_splits  # called only when TFDS builds
             super().__init__(data_dir=data_dir, file_format="array_record")
 
         def _info(self):
-            files = {s: [os.path.abspath(p) for p in ps] for s, ps in self._split_files.items()}
             return tfds.core.DatasetInfo(
                 builder=self,
-                description=f"{self._spec.name} records from local JSON-lines files",
-                features=_features_dict(tfds, self._spec.features),
-                # Keep file order, so record i of a split is the i-th line read: easy to
-                # trace back; shuffling is the pipeline's job.
+                description=self._description,
+                features=_features_dict(tfds, self._features),
+                # Keep input order, so record i of a split is the i-th line read: easy to
+                # trace back; shuffling is the loaders' job.
                 disable_shuffling=True,
-                metadata=tfds.core.MetadataDict(spec=self._spec.name, files=files,
-                                                holdout=self._holdout),
+                metadata=tfds.core.MetadataDict(**self._metadata),
             )
 
         def _split_generators(self, dl_manager):
-            del dl_manager  # local files only, nothing to download
-            plans = {split: (split, files, 0, None)
-                     for split, files in self._split_files.items()}
-            if self._holdout is not None:
-                from_split, new_split, percent = self._holdout
-                files = self._split_files[from_split]
-                # Counted by the same reading and skipping rules as the examples (and so
-                # malformed records fail here, before anything is written).
-                total = sum(1 for _ in _kept_examples(self._spec, files))
-                kept, _ = holdout_sizes(total, percent, files)
-                plans[from_split] = (from_split, files, 0, kept)
-                plans[new_split] = (new_split, files, kept, None)
-            return {split: self._generate_examples(*plan) for split, plan in plans.items()}
+            del dl_manager  # local data only, nothing to download
+            return {split: self._generate_examples(examples)
+                    for split, examples in self._make_splits().items()}
 
-        def _generate_examples(self, split: str, files: list[str], start: int,
-                               stop: int | None):
-            """Examples of kept records start..stop-1 (stop None: to the end) of `files`."""
-            file_index = {path: i for i, path in enumerate(files)}
-            skipped: list[str] = []
-            count = 0
-            for index, (path, line_no, example) in enumerate(
-                    _kept_examples(self._spec, files, skipped)):
-                if index < start or (stop is not None and index >= stop):
-                    continue
-                count += 1
-                # Keys sort in reading order, which disable_shuffling keeps.
-                yield f"{file_index[path]:05d}:{line_no:010d}", example
-            if count == 0:  # TFDS would fail with a bare assertion
-                why = (f"all {len(skipped)} left out, first: {skipped[0]}" if skipped else
-                       jsonl.no_lines_reason(files))
-                raise jsonl.DataFormatError(
-                    f"{jsonl.describe_paths(files)}: the {split!r} split holds no records "
-                    f"({why})")
-            # Written before TFDS marks the build complete, so a cached build has it.
-            _write_skipped(self._report_dir, split, skipped if start == 0 else [])
+        def _generate_examples(self, examples):
+            yield from examples
 
     return JsonlRecords
 
 
-def _fingerprint(spec: RecordSpec, split_files: Mapping[str, list[str]],
-                 holdout: tuple[str, str, int] | None) -> str:
-    # Content, not mtimes: the demo corpus is rewritten (identically) on every run and must
-    # still hit the cache.
-    h = hashlib.sha256(json.dumps(
-        {"spec": spec.name, "features": dict(spec.features), "version": _VERSION,
-         "holdout": holdout}, sort_keys=True).encode())
-    for split in sorted(split_files):
+def build_dataset(builder_dir: str, *, description: str, features: Mapping[str, str],
+                  metadata: Mapping[str, Any], make_splits: Callable[[], Mapping[str, Any]]):
+    """Builds a dataset in `builder_dir` unless a complete one is there.
+
+    Args:
+        builder_dir: `data_dir/<name>/<fingerprint>`.
+        description, metadata: stored in the dataset's info (metadata JSON-able).
+        features: example field -> kind, one of FEATURE_KINDS.
+        make_splits: () -> {split: iterable of (key, example)}, called only when building;
+            keys sort in the order the examples are stored in.
+
+    Returns:
+        split -> TFDS random-access data source (text as bytes; `RecordSource` decodes).
+    """
+    builder = _builder_class()(description=description, features=features, metadata=metadata,
+                               make_splits=make_splits, data_dir=builder_dir)
+    builder.download_and_prepare()  # returns at once when the dataset is already complete
+    return builder.as_data_source()
+
+
+# ------------------------------------------------------------------------------ in memory
+
+def _examples_fingerprint(spec_name: str, features: Mapping[str, str],
+                          split_examples: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    h = hashlib.sha256(json.dumps({"spec": spec_name, "features": dict(features),
+                                   "version": BUILDER_VERSION}, sort_keys=True).encode())
+    for split in sorted(split_examples):
         h.update(f"\0split={split}".encode())
-        for path in split_files[split]:
-            h.update(f"\0file={os.path.basename(path)}\0".encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+        for example in split_examples[split]:
+            h.update(json.dumps(example, sort_keys=True).encode() + b"\n")
     return h.hexdigest()[:16]
 
 
-def build_jsonl_source(spec: RecordSpec, split_paths: Mapping[str, jsonl.PathSpec],
-                       data_dir: str | os.PathLike, *, name: str,
-                       holdout: tuple[str, str, int] | None = None) -> dict[str, RecordSource]:
-    """Builds (once) a TFDS dataset from JSON-lines files and returns its splits.
+def build_example_source(spec_name: str, features: Mapping[str, str],
+                         split_examples: Mapping[str, Sequence[Mapping[str, Any]]],
+                         data_dir: str | os.PathLike, *, name: str,
+                         metadata: Mapping[str, Any] | None = None) -> dict[str, RecordSource]:
+    """Builds (once) a TFDS dataset of examples held in memory and returns its splits.
 
     Args:
-        spec: the record format.
-        split_paths: split name -> path spec (file, glob, directory or list; see
-            `jsonl.resolve_paths`).
-        data_dir: cache root; the dataset goes to `data_dir/name/<fingerprint>/`.
+        spec_name: identifies the example format in the cache key (like `RecordSpec.name`).
+        features: example field -> kind, one of FEATURE_KINDS.
+        split_examples: split -> its examples in order (dicts with exactly the `features`
+            keys, JSON-able values); every split needs at least one.
+        data_dir: cache root; the dataset goes to `data_dir/name/<fingerprint>/`, the
+            fingerprint hashing `spec_name`, `features` and every example, so the same
+            examples reuse the build and any change builds a fresh copy beside it.
         name: dataset name (a directory name).
-        holdout: optional `(from_split, new_split, percent)`: the last `percent`% of
-            `from_split`'s records (in reading order, at least one) form `new_split`
-            instead.
+        metadata: JSON-able notes stored with the dataset (e.g. the input files).
 
     Returns:
-        split -> `RecordSource` of example dicts with `spec.features` keys.
+        split -> `RecordSource` of example dicts with `features` keys, in the given order.
 
     Raises:
-        FileNotFoundError: a path spec matches no file.
-        ValueError: a bad name or holdout argument.
-        jsonl.DataFormatError: a malformed record, naming `file:line` (nothing is written
-            as complete, so the next call retries); a split without records or a holdout
-            that would leave none, naming the files.
-
-    Warns:
-        UserWarning: per split whose spec left records out, with the count and the first.
+        ValueError: a bad name or feature kind, or a split without examples.
     """
-    if not name or os.sep in name or name in (".", ".."):
-        raise ValueError(f"dataset name must be a plain directory name, got {name!r}")
-    split_files = {split: jsonl.resolve_paths(p) for split, p in split_paths.items()}
-    splits = list(split_files)
-    if holdout is not None:
-        holdout = (str(holdout[0]), str(holdout[1]), int(holdout[2]))
-        if holdout[0] not in split_files or holdout[1] in split_files or \
-                not 0 < holdout[2] < 100:
-            raise ValueError(f"holdout {holdout}: needs an existing split, a new split name "
-                             "and 0 < percent < 100")
-        splits.append(holdout[1])
+    check_dataset_name(name)
+    check_features(spec_name, features)
+    empty = [split for split, examples in split_examples.items() if not examples]
+    if empty:
+        raise ValueError(f"dataset {name!r}: split(s) {empty} hold no examples")
     builder_dir = os.path.join(os.fspath(data_dir), name,
-                               _fingerprint(spec, split_files, holdout))
-    builder = _builder_class()(spec=spec, split_files=split_files, holdout=holdout,
-                               data_dir=builder_dir)
-    builder.download_and_prepare()  # returns at once when the dataset is already complete
-    sources = builder.as_data_source()
-    out = {}
-    for split in splits:
-        skipped = _read_skipped(builder_dir, split)
-        if skipped.count:
-            warnings.warn(f"{name}/{split}: left out {skipped.summary()}", stacklevel=2)
-        out[split] = RecordSource(sources[split], spec.features, f"{name}/{split}", skipped)
-    return out
+                               _examples_fingerprint(spec_name, features, split_examples))
 
+    def make_splits():
+        # Zero-padded indices sort in the given order, which disable_shuffling keeps.
+        return {split: ((f"{i:010d}", example) for i, example in enumerate(examples))
+                for split, examples in split_examples.items()}
 
-def build_text_source(train_paths: jsonl.PathSpec, eval_paths: jsonl.PathSpec | None,
-                      data_dir: str | os.PathLike, *, name: str = "text",
-                      text_field: str = "text", eval_percent: int = 0
-                      ) -> dict[str, RecordSource]:
-    """Builds (once) a pretraining text dataset with splits "train" and "eval".
-
-    Args:
-        train_paths: path spec of the train JSON-lines files.
-        eval_paths: path spec of the eval files, or None (empty counts as None).
-        data_dir: cache root (see `build_jsonl_source`).
-        name: dataset name (a directory under data_dir).
-        text_field: the record field holding the text.
-        eval_percent: without eval_paths, the last `eval_percent`% of the train records
-            (at least one) become the eval split; 0 = no eval split. Ignored when
-            eval_paths is given.
-
-    Returns:
-        {"train": source, "eval": source} ("eval" only when there is one); each
-        `source[i]` is `{"text": str}` and `len(source)` is the number of records;
-        `source.skipped` counts the empty texts left out (`text_spec`).
-
-    Raises:
-        jsonl.DataFormatError: as in `build_jsonl_source` (a record without a str
-            `text_field`, a split without texts, a holdout that would take them all).
-    """
-    split_paths: dict[str, Any] = {"train": train_paths}
-    holdout = None
-    if eval_paths:
-        split_paths["eval"] = eval_paths
-    elif eval_percent:
-        holdout = ("train", "eval", eval_percent)
-    return build_jsonl_source(text_spec(text_field), split_paths, data_dir, name=name,
-                              holdout=holdout)
-
-
-def split_sizes(sources: Mapping[str, Sequence[Any]]) -> dict[str, int]:
-    """Number of records per split, e.g. for a log line."""
-    return {split: len(source) for split, source in sources.items()}
+    sources = build_dataset(builder_dir, description=f"{spec_name} records",
+                            features=features, metadata=metadata or {},
+                            make_splits=make_splits)
+    return {split: RecordSource(sources[split], features, f"{name}/{split}")
+            for split in split_examples}

@@ -143,7 +143,7 @@ def _is_path_spec(value: Any) -> bool:
 
 def _texts_from_files(spec: jsonl.PathSpec, text_field: str) -> Iterator[str]:
     # Whitespace-only texts are left out, as the pretraining dataset leaves them out
-    # (tfds_builders.text_spec), so both see the same corpus.
+    # (text_sources.text_spec), so both see the same corpus.
     for path, line_no, record in jsonl.read_jsonl(spec):
         text = jsonl.require_field(record, text_field, path, line_no, str)
         if text.strip():

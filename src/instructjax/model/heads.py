@@ -46,15 +46,16 @@ class RewardModel(nn.Module):
 
     The reward of a sequence is the score at its last real token (`gather_last`). Params:
     {"trunk": Transformer params, "head": {"kernel" [E], "bias" []}}; the trunk's LM head is
-    unused (XLA drops the logits it would compute).
+    unused (XLA drops the logits it would compute) but kept, so a policy's params load as
+    the trunk.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        _, hidden_BTE = Transformer(self.cfg, name="trunk")(
-            tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
+        hidden_BTE = Transformer(self.cfg, name="trunk").hidden_states(
+            tokens_BT, positions_BT, segment_ids_BT)
         return ScalarHead(reward_head_std(self.cfg.embed_dim), name="head")(hidden_BTE)
 
 
@@ -69,8 +70,8 @@ class PolicyWithValue(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        logits_BTV, hidden_BTE = Transformer(self.cfg, name="trunk")(
-            tokens_BT, positions_BT, segment_ids_BT, return_hidden=True)
+        logits_BTV, hidden_BTE = Transformer(self.cfg, name="trunk").logits_and_hidden(
+            tokens_BT, positions_BT, segment_ids_BT)
         return logits_BTV, ScalarHead(0.0, name="value_head")(hidden_BTE)
 
 

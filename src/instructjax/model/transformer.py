@@ -9,7 +9,6 @@ Letters: B batch, T length, H query heads, K kv heads, D head dim, E embed, F ml
 V vocab, L layers.
 """
 import functools
-import importlib
 import math
 import re
 
@@ -17,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from instructjax.kernels import reference
+from instructjax.model import attention as attention_lib
 from instructjax.model.cache import CACHE_AXES, LAYER_CACHE_AXES, KVCache
 from instructjax.model.config import ModelConfig
 
@@ -112,91 +111,6 @@ def apply_rope(x, positions, theta):
     return rotated.astype(x.dtype)
 
 
-def cudnn_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None,
-                    implementation="cudnn"):
-    """jax.nn.dot_product_attention (cuDNN flash attention) with our segment-id semantics.
-
-    cuDNN's fused attention has no segment ids, so packed rows get a dense [B, 1, T, T]
-    boolean mask built from them (O(T^2) memory, the price of packing on this path);
-    unpacked calls (segment_ids=None) use the pure causal mask and skip that cost. cuDNN
-    needs bf16/fp16 inputs on a GPU; `implementation="xla"` runs the same masking anywhere,
-    which is how the tests check it on CPU.
-
-    Args:
-        q: [B, T, H, D]; k, v: [B, S, K, D] with H % K == 0.
-        segment_ids: optional int [B, T] (T == S), 0 = padding.
-        causal: causal masking (T == S).
-        sm_scale: default 1/sqrt(D).
-        implementation: "cudnn" or "xla", passed to jax.nn.dot_product_attention.
-
-    Returns:
-        [B, T, H, D] in q.dtype; padding rows are 0, as in kernels/reference.py (cuDNN itself
-        would return a uniform average there).
-    """
-    if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
-                                            implementation=implementation)
-    mask_B1TS = reference.make_attention_mask(segment_ids, segment_ids, causal)[:, None, :, :]
-    out_BTHD = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS, scale=sm_scale,
-                                            is_causal=causal, implementation=implementation)
-    real_BT11 = (segment_ids != 0)[:, :, None, None]
-    return jnp.where(real_BT11, out_BTHD, 0).astype(q.dtype)
-
-
-def pallas_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
-    """Our Pallas flash-attention kernel, imported on first use (same signature as reference).
-
-    On CPU the kernel runs in Pallas interpret mode, so the pallas path can be tested there.
-
-    Raises:
-        NotImplementedError: when kernels/flash_attention.py is not in this checkout.
-    """
-    name = "instructjax.kernels.flash_attention"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        raise NotImplementedError(
-            f"attention_impl='pallas' needs the Pallas kernel module {name} "
-            "(kernels/flash_attention.py), which is not in this checkout; use "
-            "attention_impl='xla' or 'cudnn'") from err
-    return module.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal,
-                                  sm_scale=sm_scale,
-                                  interpret=jax.default_backend() == "cpu")
-
-
-def pallas_decode_attention(q_B1HD, k_BSKD, v_BSKD, kv_mask_BS, cache_index):
-    """One decoding step through the Pallas decode kernel (interpret mode on CPU).
-
-    The token at slot `cache_index` sees the slots up to its own that kv_mask marks real:
-    the same visibility as `reference.cached_attention` with q_offset=cache_index.
-
-    Args:
-        q_B1HD: [B, 1, H, D] the new tokens' queries; k_BSKD, v_BSKD: [B, S, K, D] the
-            layer's cache with this step's keys and values written; kv_mask_BS: int [B, S];
-            cache_index: int32 scalar (may be traced).
-
-    Returns:
-        [B, 1, H, D] in q's dtype.
-    """
-    from instructjax.kernels import decode_attention as decode_lib
-    B = q_B1HD.shape[0]
-    lengths_B = jnp.full((B,), cache_index + 1, jnp.int32)
-    out_BHD = decode_lib.decode_attention(q_B1HD[:, 0], k_BSKD, v_BSKD, lengths_B,
-                                          kv_mask=kv_mask_BS,
-                                          interpret=jax.default_backend() == "cpu")
-    return out_BHD[:, None]
-
-
-# Attention functions by config name; all share reference.attention's signature.
-ATTENTION_FNS = {
-    "xla": reference.attention,
-    "cudnn": cudnn_attention,
-    "pallas": pallas_attention,
-}
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in float32.
 
@@ -236,9 +150,8 @@ class Attention(nn.Module):
     Decoding (`kv_cache` given): the chunk's keys and values go into a copy of this layer's
     cache slice at slots cache_index .. cache_index + T - 1, the queries attend over the
     whole slice (kv_mask and slot order decide what each query sees), and the chunk itself is
-    returned for the caller to store. Single-token steps with attention_impl="pallas" run the
-    Pallas decode kernel (kernels/decode_attention.py, kv_mask hiding the prompts' left
-    padding); prefill chunks and the other impls use kernels/reference.cached_attention.
+    returned for the caller to store. model/attention.py picks the implementation of either
+    path from cfg.attention_impl.
     """
 
     cfg: ModelConfig
@@ -246,7 +159,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv_cache=None, cache_index=None,
                  kv_mask_BS=None):
-        """Returns out [B, T, E], or (out, KVCache chunk [B, T, K, D]) when kv_cache is given.
+        """Returns (out [B, T, E], KVCache chunk [B, T, K, D] when kv_cache is given else None).
 
         kv_cache: KVCache slice [B, S, K, D] of this layer; cache_index: int scalar, the slot
         of the chunk's first token; kv_mask_BS: [B, S], 1 where a slot holds a real token.
@@ -266,8 +179,8 @@ class Attention(nn.Module):
         k_BTKD = nn.with_logical_constraint(k_BTKD, _BTKD)
         v_BTKD = nn.with_logical_constraint(v_BTKD, _BTKD)
         if kv_cache is None:
-            out_BTHD = ATTENTION_FNS[cfg.attention_impl](q_BTHD, k_BTKD, v_BTKD,
-                                                         segment_ids=segment_ids_BT, causal=True)
+            out_BTHD = attention_lib.attention(cfg.attention_impl, q_BTHD, k_BTKD, v_BTKD,
+                                               segment_ids_BT)
             chunk = None
         else:
             chunk = KVCache(k=k_BTKD, v=v_BTKD)
@@ -277,16 +190,12 @@ class Attention(nn.Module):
             k_BSKD = nn.with_logical_constraint(merged.k, LAYER_CACHE_AXES)
             v_BSKD = nn.with_logical_constraint(merged.v, LAYER_CACHE_AXES)
             k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
-            if cfg.attention_impl == "pallas" and q_BTHD.shape[1] == 1:
-                out_BTHD = pallas_decode_attention(q_BTHD, k_BSKD, v_BSKD, kv_mask_BS,
-                                                   cache_index)
-            else:
-                out_BTHD = reference.cached_attention(q_BTHD, k_BSKD, v_BSKD,
-                                                      kv_mask=kv_mask_BS, q_offset=cache_index)
+            out_BTHD = attention_lib.cached_attention(cfg.attention_impl, q_BTHD, k_BSKD, v_BSKD,
+                                                      kv_mask_BS, cache_index)
         out_BTHD = nn.with_logical_constraint(out_BTHD, _BTHD)
         out_BTE = Projection((cfg.embed_dim,), ("heads", "head_dim"), ("embed",), False,
                              name="out", **_dtypes(cfg))(out_BTHD)
-        return out_BTE if kv_cache is None else (out_BTE, chunk)
+        return out_BTE, chunk
 
 
 class Mlp(nn.Module):
@@ -324,11 +233,8 @@ class Block(nn.Module):
                  kv_mask_BS=None):
         x_BTE = nn.with_logical_constraint(x_BTE, _BTE)
         h_BTE = _norm(self.cfg, "attn_norm")(x_BTE)
-        attn = Attention(self.cfg, name="attn")
-        if kv_cache is None:
-            attn_BTE, chunk = attn(h_BTE, positions_BT, segment_ids_BT), None
-        else:
-            attn_BTE, chunk = attn(h_BTE, positions_BT, None, kv_cache, cache_index, kv_mask_BS)
+        attn_BTE, chunk = Attention(self.cfg, name="attn")(h_BTE, positions_BT, segment_ids_BT,
+                                                           kv_cache, cache_index, kv_mask_BS)
         x_BTE = x_BTE + attn_BTE
         h_BTE = _norm(self.cfg, "mlp_norm")(x_BTE)
         x_BTE = x_BTE + Mlp(self.cfg, name="mlp")(h_BTE)
@@ -336,7 +242,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model.
+    """Decoder-only language model, with one entry point per use.
+
+      __call__(tokens, positions=None, segment_ids=None)     -> logits [B, T, V] float32
+      hidden_states(tokens, positions=None, segment_ids=None) -> hidden [B, T, E] cfg.dtype
+      logits_and_hidden(tokens, positions=None, segment_ids=None) -> both, from one pass
+      decode(tokens, positions, cache, cache_index, kv_mask=None) -> (logits, new KVCache)
+
+    `Transformer(cfg).apply({"params": p}, tokens)` gives logits; the other entries are
+    `apply(..., method="decode")` etc., or plain calls on a child module inside a parent's
+    compact method (model/heads.py). All share one param tree: every entry runs the same
+    layers under the same names, the LM head included.
 
     Params (scan_layers=True): embed/embedding [V, E]; layers/{attn_norm, attn/{query, key,
     value, out}, mlp_norm, mlp/{gate, up, down}} with a leading [L] axis on every leaf;
@@ -346,45 +262,89 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, return_hidden=False,
-                 cache=None, cache_index=None, kv_mask=None):
-        """Next-token logits, optionally decoding against a KV cache.
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Next-token logits of whole rows (training, scoring, PPO's log-probs).
 
         Args:
             tokens: int32 [B, T] token ids, T <= cfg.max_seq_len.
             positions: int32 [B, T] position within each token's document (restarting at 0
-                for each packed document); default 0..T-1 in every row, or
-                cache_index + 0..T-1 when decoding. With left-padded prompts pass
-                cumsum(mask) - 1 (clipped at 0): RoPE must see each row's own positions.
+                for each packed document); default 0..T-1 in every row. With left-padded
+                rows pass cumsum(mask) - 1 (clipped at 0): RoPE must see each row's own
+                positions.
             segment_ids: int32 [B, T] document id per token, 1, 2, ... within a row and
                 0 for padding; tokens only attend within their own segment. Default (None)
-                is one segment per row, run without a segment mask. Not used with a cache
-                (kv_mask plays its part there).
-            return_hidden: also return the final-normed hidden states the LM head reads.
-            cache: optional KVCache [L, B, S, K, D] (model/cache.py), S <= cfg.max_seq_len.
-                When given, the call decodes: the T tokens take slots cache_index ..
-                cache_index + T - 1 (their keys and values are written there), each attends
-                to the slots up to its own that kv_mask marks real, and the updated cache is
-                returned. Prefill is one call with the whole prompt at cache_index 0; then
-                one call per new token.
+                is one segment per row, run without a segment mask.
+
+        Returns:
+            float32 logits [B, T, V].
+        """
+        logits_BTV, _, _ = self._forward(tokens, positions, segment_ids)
+        return logits_BTV
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None):
+        """The final-normed hidden states the LM head reads, for scalar heads.
+
+        Arguments as in `__call__`. The LM head still runs, so that init through this entry
+        creates the same params; under jit XLA drops its unused logits.
+
+        Returns:
+            [B, T, E] in cfg.dtype.
+        """
+        _, hidden_BTE, _ = self._forward(tokens, positions, segment_ids)
+        return hidden_BTE
+
+    def logits_and_hidden(self, tokens, positions=None, segment_ids=None):
+        """`__call__`'s logits and `hidden_states`' hidden states from one forward pass.
+
+        Arguments as in `__call__`.
+
+        Returns:
+            (float32 logits [B, T, V], hidden [B, T, E] in cfg.dtype).
+        """
+        logits_BTV, hidden_BTE, _ = self._forward(tokens, positions, segment_ids)
+        return logits_BTV, hidden_BTE
+
+    def decode(self, tokens, positions, cache, cache_index, kv_mask=None):
+        """Next-token logits of T new tokens against a KV cache (prefill, then steps).
+
+        The T tokens take slots cache_index .. cache_index + T - 1 (their keys and values
+        are written there), and each attends to the slots up to its own that kv_mask marks
+        real. Prefill is one call with the whole prompt at cache_index 0; then one call per
+        new token.
+
+        Args:
+            tokens: int32 [B, T] token ids.
+            positions: int32 [B, T] RoPE positions (cumsum(mask) - 1 for left-padded
+                prompts), or None for cache_index + 0..T-1 in every row.
+            cache: KVCache [L, B, S, K, D] (model/cache.py), S <= cfg.max_seq_len.
             cache_index: int32 scalar (may be traced), the slot of tokens[:, 0], the same for
-                all rows; required with a cache. cache_index + T must not exceed S.
+                all rows; cache_index + T must not exceed S.
             kv_mask: int or bool [B, S], 1 where a slot holds (or will hold) a real token,
                 0 for padding; default all ones.
 
         Returns:
-            float32 logits [B, T, V], or (logits, hidden [B, T, E] in cfg.dtype) with
-            return_hidden; with a cache, a pair (that result, the updated KVCache).
+            (float32 logits [B, T, V], the KVCache with the T tokens' keys and values
+            written).
+        """
+        _check_cache_args(self.cfg, tokens, cache, cache_index, kv_mask)
+        if kv_mask is None:
+            kv_mask = jnp.ones((tokens.shape[0], cache.max_len), jnp.int32)
+        logits_BTV, _, cache = self._forward(tokens, positions, None, cache, cache_index,
+                                             kv_mask)
+        return logits_BTV, cache
+
+    @nn.compact
+    def _forward(self, tokens, positions, segment_ids, cache=None, cache_index=None,
+                 kv_mask=None):
+        """The one forward pass behind every entry: (logits, hidden, cache or None).
+
+        Without a cache it runs the training stack (`_train_layers`); with one, the decoding
+        stack (`_decode_layers`), whose arguments `decode` has checked.
         """
         cfg = self.cfg
         B, T = tokens.shape
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds cfg.max_seq_len={cfg.max_seq_len}")
-        if cache is not None:
-            _check_cache_args(cfg, tokens, segment_ids, cache, cache_index, kv_mask)
-            if kv_mask is None:
-                kv_mask = jnp.ones((B, cache.max_len), jnp.int32)
         if positions is None:
             offset = 0 if cache is None else cache_index
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :] + offset,
@@ -422,8 +382,7 @@ class Transformer(nn.Module):
                                   kernel_init=_kernel_init("embed", "vocab"), dot_general=f32_dot,
                                   name="lm_head", **_dtypes(cfg))(hidden_BTE)
         logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), _BTV)
-        out = (logits_BTV, hidden_BTE) if return_hidden else logits_BTV
-        return out if cache is None else (out, cache)
+        return logits_BTV, hidden_BTE, cache
 
     def _train_layers(self, x_BTE, positions_BT, segment_ids_BT):
         """The block stack of the training path (scanned or unrolled, remat per config)."""
@@ -475,7 +434,7 @@ class Transformer(nn.Module):
         return x_BTE, cache
 
 
-def _check_cache_args(cfg, tokens, segment_ids, cache, cache_index, kv_mask):
+def _check_cache_args(cfg, tokens, cache, cache_index, kv_mask):
     """Static checks of a decoding call's arguments (shapes only; the index may be traced)."""
     B, T = tokens.shape
     expected = (cfg.num_layers, B, cache.max_len, cfg.num_kv_heads, cfg.head_dim)
@@ -489,41 +448,44 @@ def _check_cache_args(cfg, tokens, segment_ids, cache, cache_index, kv_mask):
         raise ValueError(f"{T} tokens do not fit a cache of {cache.max_len} slots")
     if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index (the slot of tokens[:, 0])")
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not used with a cache; mark padding in kv_mask")
     if kv_mask is not None and kv_mask.shape != (B, cache.max_len):
         raise ValueError(f"kv_mask {kv_mask.shape} must be [B, S] = [{B}, {cache.max_len}]")
 
 
+def init_boxed_params(module, rng, batch_shape=(1, 8)):
+    """`module.init` on dummy tokens: fresh params still in their logical-partitioning boxes.
+
+    The one way every model here is initialised (Transformer, RewardModel, the actor-critic
+    modules: all take int32 tokens [B, T] first). The boxes carry each param's logical axis
+    names (nn.get_partition_spec reads them) for sharded creation (train/state.py);
+    nn.meta.unbox strips them.
+
+    Args:
+        module: a flax module called as module(tokens).
+        rng: a jax PRNG key.
+        batch_shape: (B, T) of the int32 dummy tokens (sizes don't matter for the params,
+            only T <= cfg.max_seq_len).
+
+    Returns:
+        The "params" collection: nested dicts of boxed arrays (nn.LogicallyPartitioned).
+    """
+    return module.init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+
+
 def init_params(cfg, rng, batch_shape=(1, 8)):
-    """Freshly initialised parameters, with the logical-axis boxes removed.
+    """Freshly initialised Transformer(cfg) parameters, with the logical-axis boxes removed.
 
     Args:
         cfg: ModelConfig.
         rng: a jax PRNG key.
-        batch_shape: (B, T) of the dummy tokens used to trace the model (sizes don't matter
-            for the params, only T <= cfg.max_seq_len).
+        batch_shape: as in init_boxed_params.
 
     Returns:
         The params pytree (nested dicts of arrays in cfg.param_dtype), ready for
         `Transformer(cfg).apply({"params": params}, tokens)`.
     """
-    tokens = jnp.zeros(batch_shape, jnp.int32)
-    variables = jax.jit(Transformer(cfg).init)(rng, tokens)
-    return nn.meta.unbox(variables["params"])
-
-
-def logical_param_axes(cfg, batch_shape=(1, 8)):
-    """Logical axis names of every parameter, without allocating any.
-
-    Returns:
-        A pytree shaped like init_params' result whose leaves are PartitionSpecs of logical
-        names (e.g. P('layers', 'embed', 'heads', 'head_dim') for a scanned query kernel);
-        parallel/mesh.py maps them to mesh axes.
-    """
-    tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
-    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)
-    return nn.get_partition_spec(abstract)["params"]
+    init = functools.partial(init_boxed_params, Transformer(cfg), batch_shape=batch_shape)
+    return nn.meta.unbox(jax.jit(init)(rng))
 
 
 _LAYER_NAME = re.compile(r"layers_(\d+)")

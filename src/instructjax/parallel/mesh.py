@@ -188,6 +188,15 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
         yield
 
 
+def shard_rows(x: jax.Array) -> jax.Array:
+    """x [B, ...] with its rows over the batch mesh axes (data, fsdp), the rest replicated.
+
+    A logical constraint ("activation_batch" on dim 0): a no-op outside `activate`. Used on
+    the per-row buffers of the rollout and of PPO's chunked forwards and minibatches.
+    """
+    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+
+
 
 def spec_without_axis(spec: P, axis: str) -> P:
     """`spec` with mesh axis `axis` removed from every dimension (that dim replicated on it).

@@ -64,7 +64,14 @@ def policy_params(params):
 
 
 def forward(model, params, tokens_BS: jax.Array, mask_BS: jax.Array):
-    """(logits [B, S, V] float32, values [B, S] float32) over masked (left-padded) rows."""
+    """(logits [B, S, V] float32, values [B, S] float32) over masked (left-padded) rows.
+
+    tokens_BS: int32 [B, S], left-padded prompt then response (Rollout.tokens); mask_BS: int
+    [B, S], 1 on real tokens (Rollout.mask). Pad tokens are segment 0 of the attention mask,
+    so no token sees them, and positions are cumsum(mask) - 1: the same attention and
+    positions as rollout.generate's cached decoding, so the response log-probs
+    (`response_logprobs`) match the sampler's.
+    """
     mask_BS = mask_BS.astype(jnp.int32)
     return model.apply({"params": params}, tokens_BS, positions_from_mask(mask_BS), mask_BS)
 

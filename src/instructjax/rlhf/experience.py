@@ -23,11 +23,11 @@ import dataclasses
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from instructjax.parallel.mesh import shard_rows
 from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import ppo
 from instructjax.rlhf.scoring import positions_from_mask, score_sequences
@@ -66,11 +66,6 @@ class Experience:
     returns: jax.Array         # float32 [B, N]
 
 
-def _shard_rows(x):
-    """x [B, ...] with rows over the batch mesh axes (no-op outside an active mesh)."""
-    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
-
-
 def _chunked(fn: Callable, chunk: int, *arrays):
     """fn over [B, ...] arrays in micro-batches of `chunk` rows (lax.map), results re-joined.
 
@@ -83,7 +78,7 @@ def _chunked(fn: Callable, chunk: int, *arrays):
         raise ValueError(f"rollout batch {B} is not a multiple of the minibatch size {chunk}")
     steps = B // chunk
     split = [jnp.swapaxes(a.reshape((chunk, steps) + a.shape[1:]), 0, 1) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*(_shard_rows(x) for x in xs)), tuple(split))
+    out = jax.lax.map(lambda xs: fn(*(shard_rows(x) for x in xs)), tuple(split))
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((B,) + x.shape[2:]), out)
 
 
@@ -193,7 +188,7 @@ def take(experience: Experience, index: jax.Array) -> Experience:
     Returns:
         Experience with every field [C, ...].
     """
-    return jax.tree.map(lambda x: _shard_rows(x[index]), experience)
+    return jax.tree.map(lambda x: shard_rows(x[index]), experience)
 
 
 @jax.jit

@@ -1,6 +1,6 @@
 """PPO for language models as pure, jittable functions on masked [B, N] arrays.
 
-Letters: B sequences, N response tokens, V vocab. `mask_BN` is 1 on response tokens up to
+Letters: B sequences, N response tokens. `mask_BN` is 1 on response tokens up to
 and including the first EOS, 0 after (a prefix of ones per row).
 Formulas follow OpenAI's lm-human-preferences (Ziegler et al. 2019) and the InstructGPT
 paper (Ouyang et al. 2022); ../shared/PPO-DETAILS.md lists them with their sources.
@@ -173,12 +173,6 @@ def value_loss(values_BN: jax.Array, old_values_BN: jax.Array, returns_BN: jax.A
     loss = 0.5 * masked_sum(jnp.maximum(loss_unclipped, loss_clipped), mask_BN) / jnp.maximum(
         num_tokens, 1.0)
     return loss, masked_mean((loss_clipped > loss_unclipped).astype(jnp.float32), mask_BN)
-
-
-def entropy_from_logits(logits_BNV: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits) per position, float32 [B, N]."""
-    logp = jax.nn.log_softmax(logits_BNV.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def explained_variance(values_BN: jax.Array, returns_BN: jax.Array, mask_BN: jax.Array

@@ -1,4 +1,4 @@
-"""Sampling responses from a policy with a KV cache, and the log-probs PPO recomputes.
+"""Sampling responses from a policy with a KV cache.
 
 `generate` left-pads nothing itself: it takes prompts already left-padded (pad on the left,
 mask 0 there), so every row's last prompt token sits in the same column and all rows share
@@ -10,9 +10,11 @@ attention by the cache's key mask.
 
 Log-probs: `Rollout.logprobs` is log softmax(logits / temperature) at each sampled token,
 over the FULL vocabulary, i.e. before any top-k / top-p filtering. That is the distribution
-`sequence_logprobs` recomputes (OpenAI's lm-human-preferences and TRL do the same), so the
-PPO ratio starts at exactly 1 up to float error; filtering only decides which tokens can be
-drawn. Greedy decoding records the same temperature-scaled log-probs.
+PPO recomputes from the finished sequences in one uncached pass: rlhf/experience.py applies
+`actor_critic.response_logprobs` to the logits of `actor_critic.forward` (old and updated
+log-probs) and of the reference model (OpenAI's lm-human-preferences and TRL do the same),
+so the PPO ratio starts at exactly 1 up to float error; filtering only decides which tokens
+can be drawn. Greedy decoding records the same temperature-scaled log-probs.
 
 Sharding: called inside `parallel.mesh.activate(mesh)`, the whole rollout runs on the mesh:
 rows (prompts, samples, the KV cache and every per-row buffer) are split over the batch axes
@@ -24,14 +26,15 @@ Outside an active mesh the constraints vanish and it runs on one device.
 Letters: B prompts, R = B * num_samples rows, P prompt length, N max new tokens,
 S = P + N sequence length, V vocab.
 """
+import dataclasses
 import functools
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from instructjax.model import cache as cache_lib
+from instructjax.parallel.mesh import shard_rows
 # The one definition of left-padding positions (cumsum(mask) - 1, clipped at 0), shared with
 # the reward model's scoring so sampling, log-probs and scores all see the same positions.
 from instructjax.rlhf.scoring import positions_from_mask
@@ -61,6 +64,28 @@ class Rollout:
     logprobs: jax.Array
     ended: jax.Array
     response_length: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How answers are drawn: the static options of `generate` (converted once from a config).
+
+    Attributes:
+        max_new_tokens: N >= 1, response tokens per row at most.
+        temperature: > 0; logits are divided by it before filtering and log-probs.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: keep the smallest set of tokens with this much probability (1.0 = all).
+        num_samples: answers per prompt (rows b * n + j).
+    """
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+
+    def options(self, **overrides) -> dict:
+        """The keyword arguments of `generate` this config sets, with `overrides` applied."""
+        return {**dataclasses.asdict(self), **overrides}
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -121,11 +146,6 @@ def mask_after_eos(response, eos_id):
     return response_mask, length, ended
 
 
-def shard_rows(x):
-    """x [R, ...] with its rows over the batch mesh axes (a no-op outside an active mesh)."""
-    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
-
-
 def _sample(logits_RV, key, *, temperature, top_k, top_p, greedy):
     """One token per row and its log-prob under the temperature-scaled full softmax.
 
@@ -160,10 +180,12 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
     # row's own later (discarded) steps.
     cache = cache_lib.constrain(cache_lib.init_cache(model.cfg, R, P + N - 1))
     kv_mask_RS = shard_rows(jnp.concatenate([mask_RP, jnp.ones((R, N - 1), jnp.int32)], axis=1))
-    apply = functools.partial(model.apply, {"params": params}, kv_mask=kv_mask_RS)
 
-    logits_RPV, cache = apply(tokens_RP, positions_from_mask(mask_RP), cache=cache,
-                              cache_index=0)
+    def decode(tokens_RT, positions_RT, cache, cache_index):
+        return model.apply({"params": params}, tokens_RT, positions_RT, cache, cache_index,
+                           kv_mask_RS, method="decode")
+
+    logits_RPV, cache = decode(tokens_RP, positions_from_mask(mask_RP), cache, 0)
     token_R, logprob_R = sample(logits_RPV[:, -1], jax.random.fold_in(rng, 0))
     response_RN = shard_rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(token_R))
     logprobs_RN = shard_rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(logprob_R))
@@ -176,8 +198,8 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
     def step(state):
         # Feeds token i - 1 (slot P + i - 1, position prompt_len + i - 1) and samples token i.
         i, cache, last_R, ended_R, response_RN, logprobs_RN = state
-        logits_R1V, cache = apply(last_R[:, None], (prompt_len_R + i - 1)[:, None],
-                                  cache=cache, cache_index=P + i - 1)
+        logits_R1V, cache = decode(last_R[:, None], (prompt_len_R + i - 1)[:, None], cache,
+                                   P + i - 1)
         token_R, logprob_R = sample(logits_R1V[:, 0], jax.random.fold_in(rng, i))
         token_R = jnp.where(ended_R, pad_id, token_R)
         logprob_R = jnp.where(ended_R, 0.0, logprob_R)
@@ -210,8 +232,8 @@ def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
     Compiled once per (model, shapes, static options); callable inside another jit.
 
     Args:
-        model: a Transformer (model/transformer.py), or any module with its decoding call
-            (cache, cache_index, kv_mask -> (logits, cache)) and a `cfg`; static (hashable).
+        model: a Transformer (model/transformer.py), or any module with a `cfg` and a
+            `decode` method like Transformer.decode; static (hashable).
         params: its params.
         prompt_tokens: int32 [B, P], left-padded with pad_id; each row needs at least one
             real token (e.g. BOS), and P + max_new_tokens <= model.cfg.max_seq_len.
@@ -253,43 +275,3 @@ def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), greedy=bool(greedy), num_samples=num_samples)
     return (rollout, num_steps) if return_num_steps else rollout
-
-
-def make_generate_fn(model, **options):
-    """generate with the model and options fixed: fn(params, prompt_tokens, prompt_mask, rng).
-
-    `options` are generate's keyword arguments (max_new_tokens, eos_id and pad_id required).
-    """
-    return functools.partial(generate, model, **options)
-
-
-def sequence_logprobs(model, params, tokens, mask, response_start, temperature=1.0):
-    """Log-probs and entropies of the response tokens, from one uncached forward pass.
-
-    PPO's old, reference and new log-probs all come from here, under the same temperature
-    as sampling (PPO-DETAILS.md, Sequences). Pad tokens (mask 0) are segment 0 of the
-    attention mask, so no token sees them, and positions are cumsum(mask) - 1: the same
-    attention and positions as generate's cached decoding.
-
-    Args:
-        model: a Transformer.
-        params: its params.
-        tokens: int32 [B, S], left-padded prompt then response (Rollout.tokens).
-        mask: int [B, S], 1 on real tokens (Rollout.mask).
-        response_start: P, static int, the column of the first response token (>= 1).
-        temperature: the logits are divided by it before the log-softmax.
-
-    Returns:
-        (logprobs, entropy), float32 [B, S - P] each: log p(tokens[:, t] | tokens[:, < t])
-        and the entropy of that next-token distribution, for t = P .. S - 1, both under
-        softmax(logits / temperature) over the full vocabulary; 0 where mask is 0.
-    """
-    P = response_start
-    mask = mask.astype(jnp.int32)
-    logits_BSV = model.apply({"params": params}, tokens, positions_from_mask(mask), mask)
-    # The logits at column t - 1 predict the token at column t.
-    logp_BNV = jax.nn.log_softmax(logits_BSV[:, P - 1:-1] / temperature, axis=-1)
-    logprobs_BN = jnp.take_along_axis(logp_BNV, tokens[:, P:, None], axis=-1)[..., 0]
-    entropy_BN = -jnp.sum(jnp.exp(logp_BNV) * logp_BNV, axis=-1)
-    real_BN = mask[:, P:] == 1
-    return jnp.where(real_BN, logprobs_BN, 0.0), jnp.where(real_BN, entropy_BN, 0.0)

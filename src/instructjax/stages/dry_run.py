@@ -34,11 +34,11 @@ from instructjax.data.tokenizer import EOS_ID, PAD_ID
 from instructjax.model import cache as cache_lib
 from instructjax.model.config import ModelConfig, count_params
 from instructjax.model.heads import RewardModel
-from instructjax.model.transformer import Transformer
+from instructjax.model.transformer import Transformer, init_boxed_params
 from instructjax.parallel import aot
 from instructjax.parallel import memory_model as mm
 from instructjax.parallel import mesh as mesh_lib
-from instructjax.stages import common
+from instructjax.stages import common, settings, workdirs
 
 DRY_RUN_FILE = "dry_run.json"
 GB = 1e9
@@ -94,8 +94,8 @@ def _batch(shape: tuple[int, ...], dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 def _params(module: nn.Module, mesh: Mesh) -> Any:
     """Sharded abstract params of `module` (a model taking tokens [B, T])."""
-    abstract, shardings = common.logical_shardings(
-        lambda rng: module.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], mesh)
+    abstract, shardings = workdirs.logical_shardings(
+        lambda rng: init_boxed_params(module, rng), mesh)
     return aot.with_shardings(abstract, shardings)
 
 
@@ -107,15 +107,15 @@ def _state(init_boxed: Callable, tx, mesh: Mesh) -> Any:
 
 
 def _lm_batch(rows: int, length: int, mesh: Mesh) -> dict:
-    from instructjax.data.pipeline import BATCH_KEYS
+    from instructjax.data.packing import BATCH_KEYS
     return {k: _batch((rows, length), jnp.float32 if k == "loss_mask" else jnp.int32, mesh)
             for k in BATCH_KEYS}
 
 
-def model_config(config: Any) -> ModelConfig:
+def model_config(model: dict) -> ModelConfig:
     """The ModelConfig of config.model (the dry run has no earlier stage to read it from)."""
     try:
-        return ModelConfig.from_dict(config.model.to_dict())
+        return ModelConfig.from_dict(model)
     except ValueError as err:
         raise common.StageError(f"config.model: {err}") from err
 
@@ -151,138 +151,161 @@ def ppo_update_flops(cfg: ModelConfig, rows: int, length: int, critic: str) -> f
     return flops
 
 
-def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
-    """The PPO iteration's programs at model config `cfg`.
+@dataclasses.dataclass(frozen=True)
+class _PPOParts:
+    """The abstract models, state and shapes one PPO plan is built from.
 
-    twin=False: rollout (the whole generate), policy / reference / reward forwards over the
-    rollout batch, one PPO update. twin=True: the loop-free cost twins -- prefill and one
-    decode step over the rollout rows, each forward over one chunk, one update -- with the
-    number of times each runs per iteration.
+    rows = prompts x samples per iteration; M the minibatch; P, N, S prompt, response and
+    sequence lengths; updates per iteration = epochs x minibatches.
     """
+    s: settings.StageSettings
+    cfg: ModelConfig
+    mesh: Mesh
+    ms: mm.MeshShape
+    rows: int
+    updates: int
+    P: int
+    N: int
+    S: int
+    M: int
+    frozen: Any
+    gathered: bool
+    model: Any
+    policy_model: Any
+    ref_model: Any
+    rm: Any
+    tx: Any
+    state: Any
+    ref: Any
+    rm_params: Any
+    rollout_params: Any
+
+
+def _ppo_parts(s: settings.StageSettings, cfg: ModelConfig, mesh: Mesh) -> _PPOParts:
+    """Sizes checked as the stage checks them; abstract sharded state and frozen models."""
     from instructjax.rlhf import actor_critic as ac
-    from instructjax.rlhf import experience as exp_lib
-    from instructjax.rlhf import rollout as rollout_lib
-    from instructjax.rlhf.scoring import positions_from_mask
     from instructjax.stages import ppo as ppo_stage
-    from instructjax.train.losses import lm_loss_fn
 
-    p = config.ppo
-    rows, minibatches = ppo_stage.check_sizes(config)
-    hp = ppo_stage.hyper(config)
-    epochs, P, N = int(p.epochs), hp.prompt_len, int(p.max_new_tokens)
-    S, M, prompts = P + N, hp.chunk, int(p.prompts_per_iteration)
-    updates = epochs * minibatches
-    frozen = jnp.dtype(str(p.frozen_dtype))
-    ms = mesh_shape(mesh)
-
-    model = ac.make_actor_critic(str(p.critic), cfg, cfg)
-    policy_model, ref_model, rm = Transformer(cfg), Transformer(cfg), RewardModel(cfg)
-    tx = ppo_stage.make_tx(config, int(config.train.steps) * updates)
-    state = _state(lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], tx, mesh)
-    ref = aot.cast_abstract(_params(ref_model, mesh), frozen)
-    rm_params = aot.cast_abstract(_params(rm, mesh), frozen)
+    ppo = s.ppo
+    rows, minibatches = ppo_stage.check_sizes(ppo)
+    P, N = ppo.hyper.prompt_len, ppo.sampling.max_new_tokens
+    frozen = jnp.dtype(ppo.frozen_dtype)
+    model = ac.make_actor_critic(ppo.critic, cfg, cfg)
+    rm = RewardModel(cfg)
+    tx = ppo_stage.make_tx(ppo, s.optim)
+    state = _state(lambda rng: init_boxed_params(model, rng), tx, mesh)
     policy_params = ac.policy_params(state.params)
     # what the rollout decodes from (ppo.rollout_weights): the training params, or a copy in
     # the compute dtype gathered over fsdp, which a rollout holds beside the training state
-    gathered = str(p.rollout_weights) == "gathered"
+    gathered = ppo.rollout_weights == "gathered"
     rollout_params = policy_params
     if gathered:
         rollout_params = aot.cast_abstract(aot.with_shardings(
             policy_params, mesh_lib.decoding_shardings(
                 jax.tree.map(lambda a: a.sharding, policy_params))), jnp.dtype(cfg.dtype))
+    return _PPOParts(
+        s=s, cfg=cfg, mesh=mesh, ms=mesh_shape(mesh), rows=rows,
+        updates=ppo.epochs * minibatches, P=P, N=N, S=P + N, M=ppo.hyper.chunk, frozen=frozen,
+        gathered=gathered, model=model, policy_model=Transformer(cfg),
+        ref_model=Transformer(cfg), rm=rm, tx=tx, state=state,
+        ref=aot.cast_abstract(_params(Transformer(cfg), mesh), frozen),
+        rm_params=aot.cast_abstract(_params(rm, mesh), frozen), rollout_params=rollout_params)
 
-    # closed form
+
+def _ppo_accounting(x: _PPOParts) -> tuple[dict, dict, dict, dict]:
+    """(closed-form buffer bytes, resident bytes, parameter counts, closed-form FLOPs per
+    device per iteration) of a PPO plan."""
+    from instructjax.rlhf import actor_critic as ac
+    cfg, ms, critic = x.cfg, x.ms, x.s.ppo.critic
     lm, head = mm.transformer_split(cfg), mm.transformer_split(cfg, scalar_heads=1)
-    trainable = head if p.critic == "shared" else mm.ParamSplit(
+    trainable = head if critic == "shared" else mm.ParamSplit(
         *(a + b for a, b in zip(dataclasses.astuple(lm), dataclasses.astuple(head))))
     cf = {"policy_params": mm.param_bytes_per_device(trainable, ms, 4),
           "policy_opt_state": mm.adam_bytes_per_device(trainable, ms),
-          "reference_params": mm.param_bytes_per_device(lm, ms, frozen.itemsize),
-          "reward_params": mm.param_bytes_per_device(head, ms, frozen.itemsize),
-          "experience_buffer": mm.batch_bytes_per_device(rows, (2 * S + 5 * N) * 4, ms),
-          "kv_cache": mm.kv_cache_bytes_per_device(cfg, rows, S - 1, ms,
+          "reference_params": mm.param_bytes_per_device(lm, ms, x.frozen.itemsize),
+          "reward_params": mm.param_bytes_per_device(head, ms, x.frozen.itemsize),
+          "experience_buffer": mm.batch_bytes_per_device(x.rows, (2 * x.S + 5 * x.N) * 4, ms),
+          "kv_cache": mm.kv_cache_bytes_per_device(cfg, x.rows, x.S - 1, ms,
                                                    jnp.dtype(cfg.dtype).itemsize)}
-    rollout_weight_bytes = (mm.param_bytes_per_device(lm, dataclasses.replace(ms, fsdp=1),
-                                                      jnp.dtype(cfg.dtype).itemsize)
-                            if gathered else mm.param_bytes_per_device(lm, ms, 4))
-    seq_in = mm.batch_bytes_per_device(rows if not twin else M, 2 * S * 4, ms)
-    # the reward model never reads an untied LM head, and XLA does not count unread arguments
-    unread_head = 0.0 if cfg.tie_embeddings else mm.param_bytes_per_device(
-        mm.ParamSplit(cfg.embed_dim * cfg.vocab_size, 0, 0, 0), ms, frozen.itemsize)
-    resident = {"policy_params": aot.bytes_per_device(state.params),
-                "policy_opt_state": aot.bytes_per_device(state.opt_state),
-                "reference_params": aot.bytes_per_device(ref),
-                "reward_params": aot.bytes_per_device(rm_params),
+    resident = {"policy_params": aot.bytes_per_device(x.state.params),
+                "policy_opt_state": aot.bytes_per_device(x.state.opt_state),
+                "reference_params": aot.bytes_per_device(x.ref),
+                "reward_params": aot.bytes_per_device(x.rm_params),
                 "experience_buffer": int(cf["experience_buffer"])}
-    params = {"policy": aot.count_leaves(policy_params),
-              "reference": aot.count_leaves(ref),
-              "reward_model": aot.count_leaves(rm_params)}
-    if p.critic == "shared":
-        params["value_head"] = aot.count_leaves(state.params["value_head"])
-    else:
-        params["critic"] = aot.count_leaves(state.params["critic"])
-
-    fwd = mm.forward_flops
-    devices = ms.data * ms.fsdp * ms.tensor
-    flops = {"rollout": fwd(cfg, rows, P) + (N - 1) * fwd(cfg, rows, 1, context=S - 1),
+    params = {"policy": aot.count_leaves(ac.policy_params(x.state.params)),
+              "reference": aot.count_leaves(x.ref),
+              "reward_model": aot.count_leaves(x.rm_params)}
+    head_name = "value_head" if critic == "shared" else "critic"
+    params[head_name] = aot.count_leaves(x.state.params[head_name])
+    fwd, rows, S = mm.forward_flops, x.rows, x.S
+    flops = {"rollout": fwd(cfg, rows, x.P) + (x.N - 1) * fwd(cfg, rows, 1, context=S - 1),
              # the actor, and a separate critic (scalar head) when there is one
              "policy_forward": fwd(cfg, rows, S) + (fwd(cfg, rows, S, lm_head=False)
-                                                    if p.critic == "separate" else 0.0),
+                                                    if critic == "separate" else 0.0),
              "reference_forward": fwd(cfg, rows, S),
              "reward_forward": fwd(cfg, rows, S, lm_head=False),
-             "ppo_update": updates * ppo_update_flops(cfg, M, S, str(p.critic))}
-    flops = {k: v / devices for k, v in flops.items()}
+             "ppo_update": x.updates * ppo_update_flops(cfg, x.M, S, critic)}
+    devices = ms.data * ms.fsdp * ms.tensor
+    return cf, resident, params, {k: v / devices for k, v in flops.items()}
 
-    fwd_rows = M if twin else rows
-    fwd_calls = rows // M if twin else 1
-    tokens, mask = _batch((fwd_rows, S), jnp.int32, mesh), _batch((fwd_rows, S), jnp.int32, mesh)
-    programs = []
+
+def _rollout_programs(x: _PPOParts, *, twin: bool) -> list[Program]:
+    """The whole generate; its twins are the prefill and one decode step (N - 1 calls)."""
+    from instructjax.rlhf import rollout as rollout_lib
+    from instructjax.rlhf.scoring import positions_from_mask
+    cfg, mesh, rows, P, S = x.cfg, x.mesh, x.rows, x.P, x.S
+    i32 = jnp.int32
     if not twin:
+        prompts = x.s.ppo.prompts_per_iteration
         generate = jax.jit(lambda prm, toks, msk, rng: rollout_lib.generate(
-            policy_model, prm, toks, msk, rng, max_new_tokens=N, temperature=hp.temperature,
-            top_k=int(p.top_k), top_p=float(p.top_p), greedy=False, eos_id=EOS_ID,
-            pad_id=PAD_ID, num_samples=int(p.num_samples)))
+            x.policy_model, prm, toks, msk, rng, **x.s.ppo.sampling.options(
+                greedy=False, eos_id=EOS_ID, pad_id=PAD_ID)))
         rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                    sharding=mesh_lib.replicated(mesh))
-        programs.append(Program(
+        lm = mm.transformer_split(cfg)
+        weight_bytes = (mm.param_bytes_per_device(lm, dataclasses.replace(x.ms, fsdp=1),
+                                                  jnp.dtype(cfg.dtype).itemsize)
+                        if x.gathered else mm.param_bytes_per_device(lm, x.ms, 4))
+        return [Program(
             "rollout", generate,
-            (rollout_params, _batch((prompts, P), jnp.int32, mesh),
-             _batch((prompts, P), jnp.int32, mesh), rng),
-            holds=() if gathered else ("policy_params",),  # the copy is its own argument
-            closed_form_argument_bytes=rollout_weight_bytes
-            + mm.batch_bytes_per_device(prompts, 2 * P * 4, ms) + 8))
-    else:
-        cache_shardings = nn.logical_to_mesh_sharding(
-            cache_lib.logical_partition_specs(), mesh, mesh_lib.LOGICAL_AXIS_RULES)
-        cache_shape = jax.eval_shape(lambda: cache_lib.init_cache(cfg, rows, S - 1))
-        cache = aot.with_shardings(cache_shape, cache_shardings)
+            (x.rollout_params, _batch((prompts, P), i32, mesh), _batch((prompts, P), i32, mesh),
+             rng),
+            holds=() if x.gathered else ("policy_params",),  # the copy is its own argument
+            closed_form_argument_bytes=weight_bytes
+            + mm.batch_bytes_per_device(prompts, 2 * P * 4, x.ms) + 8)]
+    cache_shardings = nn.logical_to_mesh_sharding(
+        cache_lib.logical_partition_specs(), mesh, mesh_lib.LOGICAL_AXIS_RULES)
+    cache = aot.with_shardings(jax.eval_shape(lambda: cache_lib.init_cache(cfg, rows, S - 1)),
+                               cache_shardings)
 
-        def prefill(prm, toks, msk, kv_mask):
-            return policy_model.apply({"params": prm}, toks, positions_from_mask(msk),
-                                      cache=cache_lib.init_cache(cfg, rows, S - 1),
-                                      cache_index=0, kv_mask=kv_mask)
+    def prefill(prm, toks, msk, kv_mask):
+        return x.policy_model.apply({"params": prm}, toks, positions_from_mask(msk),
+                                    cache_lib.init_cache(cfg, rows, S - 1), 0, kv_mask,
+                                    method="decode")
 
-        def decode(prm, kv, last, pos, kv_mask):
-            return policy_model.apply({"params": prm}, last, pos, cache=kv, cache_index=P,
-                                      kv_mask=kv_mask)
+    def decode(prm, kv, last, pos, kv_mask):
+        return x.policy_model.apply({"params": prm}, last, pos, kv, P, kv_mask, method="decode")
 
-        kv_mask = _batch((rows, S - 1), jnp.int32, mesh)
-        programs.append(Program("rollout", prefill, (rollout_params, _batch((rows, P), jnp.int32, mesh),
-                                                     _batch((rows, P), jnp.int32, mesh), kv_mask)))
-        programs.append(Program("rollout", decode,
-                                (rollout_params, cache, _batch((rows, 1), jnp.int32, mesh),
-                                 _batch((rows, 1), jnp.int32, mesh), kv_mask), calls=N - 1))
-    programs += [
-        Program("policy_forward", exp_lib.make_policy_forward(model, hp),
-                (state.params, tokens, mask), calls=fwd_calls, holds=("policy_params",),
-                closed_form_argument_bytes=cf["policy_params"] + seq_in),
-        Program("reference_forward", exp_lib.make_reference_forward(ref_model, hp),
-                (ref, tokens, mask), calls=fwd_calls, holds=("reference_params",),
-                closed_form_argument_bytes=cf["reference_params"] + seq_in),
-        Program("reward_forward", exp_lib.make_reward_forward(rm, hp),
-                (rm_params, tokens, mask), calls=fwd_calls, holds=("reward_params",),
-                closed_form_argument_bytes=cf["reward_params"] - unread_head + seq_in),
-    ]
+    kv_mask = _batch((rows, S - 1), i32, mesh)
+    return [Program("rollout", prefill, (x.rollout_params, _batch((rows, P), i32, mesh),
+                                         _batch((rows, P), i32, mesh), kv_mask)),
+            Program("rollout", decode, (x.rollout_params, cache, _batch((rows, 1), i32, mesh),
+                                        _batch((rows, 1), i32, mesh), kv_mask),
+                    calls=x.N - 1)]
+
+
+def _training_programs(x: _PPOParts, cf: dict, *, twin: bool) -> list[Program]:
+    """Policy / reference / reward forwards over the rollout batch (twins: one chunk each,
+    rows / M calls) and one PPO minibatch update (epochs x minibatches calls)."""
+    from instructjax.rlhf import experience as exp_lib
+    from instructjax.train.losses import lm_loss_fn
+    cfg, mesh, ms, hp, M, N, S = x.cfg, x.mesh, x.ms, x.s.ppo.hyper, x.M, x.N, x.S
+    fwd_rows, fwd_calls = (M, x.rows // M) if twin else (x.rows, 1)
+    tokens, mask = _batch((fwd_rows, S), jnp.int32, mesh), _batch((fwd_rows, S), jnp.int32, mesh)
+    seq_in = mm.batch_bytes_per_device(fwd_rows, 2 * S * 4, ms)
+    # the reward model never reads an untied LM head, and XLA does not count unread arguments
+    unread_head = 0.0 if cfg.tie_embeddings else mm.param_bytes_per_device(
+        mm.ParamSplit(cfg.embed_dim * cfg.vocab_size, 0, 0, 0), ms, x.frozen.itemsize)
     f32 = jnp.float32
     minibatch = exp_lib.Experience(
         tokens=_batch((M, S), jnp.int32, mesh), mask=_batch((M, S), jnp.int32, mesh),
@@ -291,22 +314,46 @@ def ppo_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
         returns=_batch((M, N), f32, mesh))
     ptx_loss, ptx_batch, ptx_bytes = None, None, 0.0
     if hp.ptx_coef > 0:
-        ptx_loss = lm_loss_fn(policy_model)
-        ptx_rows, seq_len = int(p.ptx_batch_size), int(config.data.seq_len)
+        ptx_loss = lm_loss_fn(x.policy_model)
+        ptx_rows, seq_len = x.s.ppo.ptx_batch_size, x.s.data.seq_len
         ptx_batch = _lm_batch(ptx_rows, seq_len, mesh)
         ptx_bytes = mm.batch_bytes_per_device(ptx_rows, 5 * seq_len * 4, ms)
-    programs.append(Program(
-        "ppo_update", exp_lib.make_update(model, tx, hp, ptx_loss), (state, minibatch, ptx_batch),
-        calls=updates, holds=("policy_params", "policy_opt_state"),
-        closed_form_argument_bytes=cf["policy_params"] + cf["policy_opt_state"]
-        + mm.batch_bytes_per_device(M, (2 * S + 5 * N) * 4, ms) + ptx_bytes))
+    return [
+        Program("policy_forward", exp_lib.make_policy_forward(x.model, hp),
+                (x.state.params, tokens, mask), calls=fwd_calls, holds=("policy_params",),
+                closed_form_argument_bytes=cf["policy_params"] + seq_in),
+        Program("reference_forward", exp_lib.make_reference_forward(x.ref_model, hp),
+                (x.ref, tokens, mask), calls=fwd_calls, holds=("reference_params",),
+                closed_form_argument_bytes=cf["reference_params"] + seq_in),
+        Program("reward_forward", exp_lib.make_reward_forward(x.rm, hp),
+                (x.rm_params, tokens, mask), calls=fwd_calls, holds=("reward_params",),
+                closed_form_argument_bytes=cf["reward_params"] - unread_head + seq_in),
+        Program("ppo_update", exp_lib.make_update(x.model, x.tx, hp, ptx_loss),
+                (x.state, minibatch, ptx_batch), calls=x.updates,
+                holds=("policy_params", "policy_opt_state"),
+                closed_form_argument_bytes=cf["policy_params"] + cf["policy_opt_state"]
+                + mm.batch_bytes_per_device(M, (2 * S + 5 * N) * 4, ms) + ptx_bytes)]
+
+
+def ppo_plan(s: settings.StageSettings, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
+    """The PPO iteration's programs at model config `cfg`.
+
+    twin=False: rollout (the whole generate), policy / reference / reward forwards over the
+    rollout batch, one PPO update. twin=True: the loop-free cost twins -- prefill and one
+    decode step over the rollout rows, each forward over one chunk, one update -- with the
+    number of times each runs per iteration.
+    """
+    parts = _ppo_parts(s, cfg, mesh)
+    cf, resident, params, flops = _ppo_accounting(parts)
+    programs = _rollout_programs(parts, twin=twin) + _training_programs(parts, cf, twin=twin)
     return Plan(params=params, resident=resident, closed_form=cf, closed_form_flops=flops,
                 programs=programs)
 
 
 # ----------------------------------------------------------------------------- supervised
 
-def supervised_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) -> Plan:
+def supervised_plan(s: settings.StageSettings, cfg: ModelConfig, mesh: Mesh, *,
+                    twin: bool) -> Plan:
     """The train step of pretrain / SFT (LM loss) or the reward stage (K-way ranking loss).
 
     The cost twin runs the whole batch without gradient accumulation (same FLOPs, no loop).
@@ -315,16 +362,14 @@ def supervised_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) ->
     from instructjax.train import optim, step as step_lib
     from instructjax.train.losses import lm_loss_fn
 
-    train = config.train
-    batch_size, seq_len = int(train.batch_size), int(config.data.seq_len)
-    accum = 1 if twin else int(train.grad_accum_steps)
+    batch_size, seq_len = s.train_batch_size, s.data.seq_len
+    accum = 1 if twin else s.loop.grad_accum_steps
     ms = mesh_shape(mesh)
-    opt = optim.OptimConfig.from_train_config(train)
-    tx, schedule = optim.make_optimizer(opt), optim.make_schedule(opt)
-    if config.stage == "reward":
+    tx, schedule = optim.make_optimizer(s.optim), optim.make_schedule(s.optim)
+    if s.stage == "reward":
         model = RewardModel(cfg)
         loss_fn = reward_stage.reward_loss_fn(model)
-        K = int(config.reward.num_responses) or DEFAULT_NUM_RESPONSES
+        K = s.reward.num_responses or DEFAULT_NUM_RESPONSES
         batch = {"tokens": _batch((batch_size, K, seq_len), jnp.int32, mesh),
                  "lengths": _batch((batch_size, K), jnp.int32, mesh),
                  "ranks": _batch((batch_size, K), jnp.int32, mesh)}
@@ -340,7 +385,7 @@ def supervised_plan(config: Any, cfg: ModelConfig, mesh: Mesh, *, twin: bool) ->
         batch_bytes = mm.batch_bytes_per_device(batch_size, 5 * seq_len * 4, ms)
         flops = mm.train_flops(cfg, batch_size, seq_len, remat=cfg.remat_policy != "none")
         name = "model"
-    state = _state(lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"], tx, mesh)
+    state = _state(lambda rng: init_boxed_params(model, rng), tx, mesh)
     step = step_lib.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accum)
     shardings = jax.tree.map(lambda a: a.sharding, state)
     jitted = step_lib.jit_train_step(step, shardings, mesh, {k: v.ndim for k, v in batch.items()})
@@ -362,15 +407,15 @@ PLANS = {"ppo": ppo_plan, "pretrain": supervised_plan, "sft": supervised_plan,
 
 # ----------------------------------------------------------------------------- run
 
-def closed_form_params(config: Any, cfg: ModelConfig) -> dict[str, int]:
+def closed_form_params(s: settings.StageSettings, cfg: ModelConfig) -> dict[str, int]:
     """Parameter count of each model from count_params (the numbers the plan must match)."""
     n, head = count_params(cfg), cfg.embed_dim + 1
-    if config.stage == "ppo":
+    if s.stage == "ppo":
         out = {"policy": n, "reference": n, "reward_model": n + head}
-        out["value_head" if config.ppo.critic == "shared" else "critic"] = (
-            head if config.ppo.critic == "shared" else n + head)
+        shared = s.ppo.critic == "shared"
+        out["value_head" if shared else "critic"] = head if shared else n + head
         return out
-    return {"reward_model": n + head} if config.stage == "reward" else {"model": n}
+    return {"reward_model": n + head} if s.stage == "reward" else {"model": n}
 
 
 def compile_plan(plan: Plan, mesh: Mesh) -> dict[str, list[aot.ProgramReport]]:
@@ -384,14 +429,14 @@ def compile_plan(plan: Plan, mesh: Mesh) -> dict[str, list[aot.ProgramReport]]:
     return reports
 
 
-def step_costs(config: Any, cfg: ModelConfig, mesh: Mesh) -> tuple[dict, dict, float]:
+def step_costs(s: settings.StageSettings, cfg: ModelConfig, mesh: Mesh) -> tuple[dict, dict, float]:
     """Per-device FLOPs, bytes accessed and roofline seconds per step of each program.
 
     From the cost twins at 1 and 2 unrolled layers, extrapolated to cfg.num_layers.
     Returns (flops by program, seconds by program, compile seconds of the twins).
     """
-    plan_fn, hw = PLANS[config.stage], config.hardware
-    twins = [plan_fn(config, cost_twin_config(cfg, n), mesh, twin=True) for n in (1, 2)]
+    plan_fn, hw = PLANS[s.stage], s.hardware
+    twins = [plan_fn(s, cost_twin_config(cfg, n), mesh, twin=True) for n in (1, 2)]
     compiled, compile_s = [], 0.0
     for twin in twins:
         reports = compile_plan(twin, mesh)
@@ -406,27 +451,27 @@ def step_costs(config: Any, cfg: ModelConfig, mesh: Mesh) -> tuple[dict, dict, f
         b = aot.extrapolate_layers(one.bytes_accessed, two.bytes_accessed, cfg.num_layers)
         flops[program.name] = flops.get(program.name, 0.0) + program.calls * f
         seconds[program.name] = seconds.get(program.name, 0.0) + program.calls * aot.step_seconds(
-            f, b, peak_tflops=float(hw.peak_tflops), hbm_gbps=float(hw.hbm_gbps))
+            f, b, peak_tflops=hw.peak_tflops, hbm_gbps=hw.hbm_gbps)
     return flops, seconds, compile_s
 
 
-def dry_run(config: Any) -> dict:
+def dry_run(s: settings.StageSettings) -> dict:
     """Builds, compiles and measures the stage's programs; returns the dry_run.json dict."""
     wall = time.perf_counter()
-    devices = aot.target_devices(int(config.hardware.num_devices))
-    mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-    cfg = compiled_model_config(model_config(config), devices[0].platform)
-    if config.stage == "ppo":
-        mesh_lib.check_fits(mesh, global_batch=int(config.ppo.minibatch_size),
+    devices = aot.target_devices(s.hardware.num_devices)
+    mesh = mesh_lib.make_mesh(dict(s.mesh), devices)
+    cfg = compiled_model_config(model_config(s.model), devices[0].platform)
+    if s.stage == "ppo":
+        mesh_lib.check_fits(mesh, global_batch=s.ppo.minibatch_size,
                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
     else:
-        mesh_lib.check_fits(mesh, global_batch=int(config.train.batch_size),
+        mesh_lib.check_fits(mesh, global_batch=s.train_batch_size,
                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                            micro_batches=int(config.train.grad_accum_steps))
-    plan = PLANS[config.stage](config, cfg, mesh, twin=False)
+                            micro_batches=s.loop.grad_accum_steps)
+    plan = PLANS[s.stage](s, cfg, mesh, twin=False)
     reports = {name: rs[0] for name, rs in compile_plan(plan, mesh).items()}
-    if float(config.hardware.peak_tflops) > 0:
-        flops, seconds, twin_compile_s = step_costs(config, cfg, mesh)
+    if s.hardware.peak_tflops > 0:
+        flops, seconds, twin_compile_s = step_costs(s, cfg, mesh)
     else:  # no peak, no step time: skip the cost twins' compiles
         flops, seconds, twin_compile_s = {}, {}, 0.0
 
@@ -448,16 +493,15 @@ def dry_run(config: Any) -> dict:
             "seconds_per_step": seconds.get(program.name),
             "compile_seconds": r.compile_seconds,
         }
-    hw = config.hardware
     return {
-        "stage": config.stage,
-        "hardware": hw.to_dict(),
+        "stage": s.stage,
+        "hardware": dataclasses.asdict(s.hardware),
         "devices": {"count": len(devices), "platform": devices[0].platform,
                     "virtual": devices[0].platform == "cpu" and len(devices) > 1},
         "mesh": {axis: int(mesh.shape[axis]) for axis in mesh_lib.MESH_AXES},
         "model": cfg.to_dict(),  # as compiled (attention_impl may stand in, see above)
         "params": plan.params,
-        "closed_form_params": closed_form_params(config, cfg),
+        "closed_form_params": closed_form_params(s, cfg),
         "resident_bytes_per_device": plan.resident,
         "closed_form_bytes_per_device": plan.closed_form,
         "programs": programs,
@@ -541,13 +585,14 @@ def run(config: Any, workdir: str) -> dict:
     if config.stage not in SUPPORTED:
         raise common.StageError(f"dry_run supports stages {SUPPORTED}, not {config.stage!r} "
                                 "(dry-run each stage's config of a pipeline)")
-    if int(config.hardware.num_devices) > 0:
+    s = settings.from_config(config)
+    if s.hardware.num_devices > 0:
         try:
-            aot.request_cpu_devices(int(config.hardware.num_devices))
+            aot.request_cpu_devices(s.hardware.num_devices)
         except aot.VirtualDevicesError as err:
             raise common.StageError(str(err)) from err
     try:
-        result = dry_run(config)
+        result = dry_run(s)
     except aot.VirtualDevicesError as err:
         raise common.StageError(str(err)) from err
     os.makedirs(workdir, exist_ok=True)

@@ -17,14 +17,14 @@ import os
 import time
 from typing import Any
 
-from instructjax.stages import common
+from instructjax.stages import common, workdirs
+from instructjax.stages.registry import PIPELINE_ORDER, get_stage
 from instructjax.train.metrics import read_metrics
 
-ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 SHARED_KEYS = ("seed", "mesh", "distributed")
 STAGE_TIME = "stage_time.json"
 # summary.json's true scores: held-out prompts of the training problems (greedy, sampled),
-# then held-out problems (stages/sft.DEMO_EVAL_SETS prefixes)
+# then held-out problems (stages/workdirs.DEMO_EVAL_SETS prefixes)
 SCORE_KEYS = ("true_score", "true_score_sampled", "heldout_true_score",
               "heldout_true_score_sampled")
 
@@ -37,7 +37,7 @@ def stage_config(config: Any, name: str, workdir: str) -> Any:
         for key in SHARED_KEYS:
             sub[key] = config[key]
         if name in ("pretrain",):
-            sub.tokenizer.path = os.path.join(workdir, "tokenizer", common.TOKENIZER_FILE)
+            sub.tokenizer.path = os.path.join(workdir, "tokenizer", workdirs.TOKENIZER_FILE)
         previous = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}.get(name)
         if previous:
             sub.init_from = os.path.join(workdir, previous)
@@ -127,10 +127,9 @@ def plot_ppo(workdir: str, path: str) -> None:
 
 def run(config: Any, workdir: str) -> dict:
     """Runs every stage in order (skipping finished ones) and writes the summary."""
-    from instructjax.stages.registry import get_stage
     os.makedirs(workdir, exist_ok=True)
     wall = {}
-    for name in ORDER:
+    for name in PIPELINE_ORDER:
         stage_dir = os.path.join(workdir, name)
         start = time.perf_counter()
         get_stage(name)(stage_config(config, name, workdir), stage_dir)

@@ -19,6 +19,10 @@ STAGES = {
 }
 
 
+# The pipeline's stages, in the order they run (each in WORKDIR/<stage>/).
+PIPELINE_ORDER = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+
+
 def get_stage(name: str) -> Callable[[Any, str], Any]:
     """The `run(config, workdir)` of stage `name`; a clear error for an unknown one."""
     if name not in STAGES:

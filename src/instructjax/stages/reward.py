@@ -9,7 +9,6 @@ normalisation (OpenAI's gain/bias).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -18,16 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructjax.data import chat_encoding, dialogue_sources, formats, pipeline
+from instructjax.data import chat_encoding, dialogue_sources, formats, loaders
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead, reward_head_std
-from instructjax.model.transformer import Transformer
+from instructjax.model.transformer import Transformer, init_boxed_params
 from instructjax.rlhf import rollout, scoring
-from instructjax.stages import common, sft
-from instructjax.train import loop
-
-REWARD_STATS = "reward_stats.json"
-
+from instructjax.stages import common, settings, workdirs
+from instructjax.train import lifecycle, loop
 
 def comparison_example(comparison: formats.Comparison, *, tokenizer, template, max_length: int,
                        max_turns: int, num_responses: int,
@@ -67,69 +63,65 @@ def reward_loss_fn(model: RewardModel):
     return loss_fn
 
 
-def _num_responses(config: Any, sources) -> int:
-    if int(config.reward.num_responses):
-        return int(config.reward.num_responses)
+def _num_responses(configured: int, sources) -> int:
+    if configured:
+        return configured
     return max(len(src[i].responses) for src in sources.values() for i in range(len(src)))
 
 
-def reward_statistics(config: Any, workdir: str, rm: RewardModel, rm_params, mesh,
-                      tokenizer, template) -> dict[str, float]:
+def reward_statistics(s: settings.StageSettings, workdir: str, rm: RewardModel, rm_params,
+                      mesh, tokenizer) -> dict[str, float]:
     """Mean/std of the RM score over the SFT policy's samples on training prompts."""
-    policy_cfg = common.model_config_from(common.read_run_info(config.init_from), config)
+    policy_cfg = workdirs.model_config_from(workdirs.read_run_info(s.init_from), s.model)
     policy = Transformer(policy_cfg)
-    policy_params = common.load_transformer_params(config.init_from, policy_cfg, mesh)
-    prompts = _stat_prompts(config, workdir)
+    policy_params = workdirs.load_transformer_params(s.init_from, policy_cfg, mesh)
+    prompts = _stat_prompts(s, workdir)
+    r = s.reward
     tokens, mask = true_score_lib.encode_prompts(
-        prompts, tokenizer, template, max_prompt_len=int(config.eval.max_prompt_len),
-        max_turns=int(config.chat.max_turns))
+        prompts, tokenizer, s.chat.template, max_prompt_len=r.stats_prompt_len,
+        max_turns=s.chat.max_turns)
     score = jax.jit(functools.partial(scoring.score_sequences, rm))
-    rewards, rng = [], jax.random.key(int(config.seed) + 17)
-    batch = int(config.eval.batch_size)
+    rewards, rng = [], jax.random.key(s.seed + 17)
+    batch = r.stats_batch_size
     for start in range(0, len(tokens), batch):
         rng, key = jax.random.split(rng)
         out = rollout.generate(policy, policy_params, tokens[start:start + batch],
                                mask[start:start + batch], key,
-                               max_new_tokens=int(config.eval.max_new_tokens),
-                               temperature=float(config.eval.temperature),
-                               top_k=int(config.eval.top_k), top_p=float(config.eval.top_p),
-                               greedy=False, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                               **r.stats_sampling.options(greedy=False, eos_id=tokenizer.eos_id,
+                                                          pad_id=tokenizer.pad_id))
         rewards.append(np.asarray(jax.device_get(score(rm_params, out.tokens, out.mask))))
     rewards = np.concatenate(rewards)
     return {"mean": float(rewards.mean()), "std": float(rewards.std()), "num_samples": len(rewards),
-            "temperature": float(config.eval.temperature)}
+            "temperature": r.stats_sampling.temperature}
 
 
-def _stat_prompts(config: Any, workdir: str) -> list[formats.Prompt]:
-    count = int(config.reward.stats_samples)
-    if config.data.path:
+def _stat_prompts(s: settings.StageSettings, workdir: str) -> list[formats.Prompt]:
+    count = s.reward.stats_samples
+    if s.data.path:
         # user comparison data: their contexts are the prompts the policy will see
-        records, _ = dialogue_sources.read_records(config.data.path, "comparison")
+        records, _ = dialogue_sources.read_records(s.data.path, "comparison")
         return [formats.Prompt(r.context) for r in records[:count]]
-    prompts_path = common.demo_task_paths(config, workdir)["prompts_train"]
+    prompts_path = workdirs.demo_task_paths(s.data, workdir)["prompts_train"]
     records, _ = dialogue_sources.read_records(prompts_path, "prompt")
     return records[:count]
 
 
 def run(config: Any, workdir: str) -> loop.LoopResult:
     """Trains (or resumes, or skips) the reward model in `workdir` from the SFT stage."""
-    os.makedirs(workdir, exist_ok=True)
-    common.check_resume_config(config, workdir)  # before anything in workdir changes
-    _, model_cfg, tokenizer = common.init_from_stage(config, workdir, ("sft", "pretrain"))
-    mesh = common.build_mesh(config)
+    s = workdirs.start_stage(config, workdir)
+    model_cfg, tokenizer, mesh = workdirs.from_earlier_stage(s, workdir, ("sft", "pretrain"))
     rm = RewardModel(model_cfg)
-    template = sft.chat_template(config)
 
-    train_paths, eval_paths = common.stage_data_paths(config, workdir, "comparisons_train",
-                                                      "comparisons_eval")
+    train_paths, eval_paths = workdirs.stage_data_paths(s.data, workdir, "comparisons_train",
+                                                        "comparisons_eval")
     sources = common.main_process_first(lambda: dialogue_sources.build_comparison_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=int(config.data.eval_percent)), "tfds")
-    seq_len, batch_size = int(config.data.seq_len), int(config.train.batch_size)
-    k = _num_responses(config, sources)
-    to_example = functools.partial(comparison_example, tokenizer=tokenizer, template=template,
-                                   max_length=seq_len, max_turns=int(config.chat.max_turns),
-                                   num_responses=k,
+        eval_percent=s.data.eval_percent), "tfds")
+    seq_len, batch_size = s.data.seq_len, s.train_batch_size
+    k = _num_responses(s.reward.num_responses, sources)
+    to_example = functools.partial(comparison_example, tokenizer=tokenizer,
+                                   template=s.chat.template, max_length=seq_len,
+                                   max_turns=s.chat.max_turns, num_responses=k,
                                    on_truncate=chat_encoding.TruncationLog(
                                        "reward", f"data.seq_len={seq_len}",
                                        echo=common.is_main_process()))
@@ -137,35 +129,31 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     per_process_batch = batch_size // jax.process_count()
 
     def batches(split, **kwargs):
-        return pipeline.make_example_batches(sources[split], to_example,
-                                             batch_size=per_process_batch,
-                                             pad_example=empty_example(k, seq_len), **shard,
-                                             **kwargs)
+        return loaders.make_example_batches(sources[split], to_example,
+                                            batch_size=per_process_batch,
+                                            pad_example=empty_example(k, seq_len), **shard,
+                                            **kwargs)
 
     def init_params_boxed(rng):
-        return rm.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        return init_boxed_params(rm, rng)
 
     def load_initial_params():
-        return {"trunk": common.load_transformer_params(config.init_from, model_cfg, mesh),
-                "head": _init_head(model_cfg.embed_dim, int(config.seed))}
+        return {"trunk": workdirs.load_transformer_params(s.init_from, model_cfg, mesh),
+                "head": _init_head(model_cfg.embed_dim, s.seed)}
 
     task = loop.SupervisedTask(
         name="reward", init_params_boxed=init_params_boxed, loss_fn=reward_loss_fn(rm),
-        make_train_batches=lambda: batches("train", seed=int(config.seed)),
+        make_train_batches=lambda: batches("train", seed=s.seed),
         make_eval_batches=lambda: batches("eval", seed=0, num_epochs=1, shuffle=False),
         load_initial_params=load_initial_params, tokens_per_batch=batch_size * k * seq_len)
-    common.write_run_info(workdir, "reward", model_cfg)
-    result = loop.run_supervised(task, config.train, mesh, workdir, seed=int(config.seed))
+    workdirs.write_run_info(workdir, "reward", model_cfg)
+    result = loop.run_supervised(task, s.loop, s.optim, mesh, workdir)
 
-    stats_path = os.path.join(workdir, REWARD_STATS)
-    if result.finished and not os.path.exists(stats_path):
-        stats = reward_statistics(config, workdir, rm, result.state.params, mesh, tokenizer,
-                                  template)
-        if common.is_main_process():
-            with open(stats_path, "w", encoding="utf-8") as f:
-                json.dump(stats, f, indent=2)
-            print(f"[reward] score over SFT samples: mean {stats['mean']:.4f} "
-                  f"std {stats['std']:.4f} (n={stats['num_samples']})", flush=True)
+    if result.finished and not os.path.exists(os.path.join(workdir, workdirs.REWARD_STATS)):
+        stats = reward_statistics(s, workdir, rm, result.state.params, mesh, tokenizer)
+        workdirs.write_reward_stats(workdir, stats)
+        lifecycle.say("reward", f"score over SFT samples: mean {stats['mean']:.4f} "
+                                f"std {stats['std']:.4f} (n={stats['num_samples']})")
     return result
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import optax
@@ -11,7 +11,7 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser hyperparameters (converted once from `config.train`)."""
+    """Optimiser hyperparameters (converted once from `config.train` by stages/settings.py)."""
     learning_rate: float
     total_steps: int
     warmup_steps: int = 0
@@ -22,13 +22,6 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0           # global-norm clip; <= 0 disables
-
-    @classmethod
-    def from_train_config(cls, train: Mapping[str, Any]) -> "OptimConfig":
-        """Picks the optimiser fields out of a `config.train` mapping."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"total_steps"}
-        kwargs = {k: train[k] for k in names if k in train}
-        return cls(total_steps=int(train["steps"]), **kwargs)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -18,10 +18,10 @@ default is num_splits = ceil(target / (B * K)) capped by the number of cache blo
 target = 2 programs per GPU multiprocessor (two resident programs per SM hide memory latency),
 2 per TPU core, and 1 in the CPU interpreter (where splitting only adds work).
 
-Backends as in flash_attention.py: the CPU interpreter, Triton on GPU (the group is padded
+Backends as in flash.py: the CPU interpreter, Triton on GPU (the group is padded
 to 16 rows, Triton's smallest dot), Mosaic TPU (unmeasured; caches are transposed to
 [B, K, L, D] for TPU tiling, a full copy per call that a heads-major cache would avoid), and
-with gpu_kernel="mosaic" the Hopper kernel of decode_attention_mgpu.py (TMA-pipelined, the
+with gpu_kernel="mosaic" the Hopper kernel of decode_mgpu.py (TMA-pipelined, the
 group padded to the 64 rows of a warpgroup's wgmma; same partials and combine).
 
 Letters: B batch, H query heads, K kv heads, G = H // K, Gp G padded for the backend, L cache
@@ -37,9 +37,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from instructjax.kernels import flash_attention_mgpu as mgpu
+from instructjax.kernels import flash_mgpu as mgpu
 
-# Finite score fill for invisible cache entries (see flash_attention.py).
+# Finite score fill for invisible cache entries (see flash.py).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 # Cache rows per loop step, by backend.
@@ -134,10 +134,10 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, sm
 
 def _hopper_decode(q, k_cache, v_cache, lengths, mask_BL, *, sm_scale, bk, blocks_per_split,
                    num_splits, interpret):
-    """decode_attention through the Hopper kernel (decode_attention_mgpu.py) on the padded
+    """decode_attention through the Hopper kernel (decode_mgpu.py) on the padded
     caches, clamped lengths and int32 mask [B, L_pad]: q padded to its 64-row group tile;
     [B, H, D] in q.dtype."""
-    from instructjax.kernels import decode_attention_mgpu as dmgpu   # it imports this module
+    from instructjax.kernels import decode_mgpu as dmgpu   # it imports this module
     B, H, D = q.shape
     K = k_cache.shape[2]
     G = H // K
@@ -206,7 +206,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
             `InterpretGPUParams` interprets the Hopper kernel when gpu_kernel="mosaic" (see
             tests/kernels/_mgpu_interpret.py).
         gpu_kernel: "triton" (default until measured against it) or "mosaic", the Hopper
-            kernel of decode_attention_mgpu.py; "mosaic" falls back to Triton off sm_90 and
+            kernel of decode_mgpu.py; "mosaic" falls back to Triton off sm_90 and
             for what that kernel does not cover (float32, head dims other than 64 / 128,
             more than 64 query heads per kv head, sm_scale <= 0).
         _target: 'gpu' or 'tpu' to build that backend's kernel from any host (lowering
@@ -241,7 +241,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=Non
         sm_scale = D ** -0.5
     if gpu_kernel not in ("triton", "mosaic"):
         raise ValueError(f"gpu_kernel must be 'triton' or 'mosaic', got {gpu_kernel!r}")
-    from instructjax.kernels import decode_attention_mgpu as dmgpu   # it imports this module
+    from instructjax.kernels import decode_mgpu as dmgpu   # it imports this module
     gpu_interpreter = interpret if type(interpret).__name__ == "InterpretGPUParams" else None
     # On a real GPU only Hopper has wgmma; a lowering from CPU (_target) builds for it.
     hopper = target == "gpu" and (_target is not None or mgpu.is_hopper(jax.devices()[0]))

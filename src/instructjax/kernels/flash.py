@@ -14,7 +14,7 @@ Algorithm (Dao et al., FlashAttention-2, arXiv:2307.08691, Alg. 1 and 2):
   query blocks, so GQA is reduced inside the kernel without atomics) and a dQ kernel (one
   program per (batch, query head, query block), looping over kv blocks).
 
-The three kernel bodies are in `flash_attention_kernels.py`; this file builds their
+The three kernel bodies are in `flash_kernels.py`; this file builds their
 pallas_calls, the custom VJP and the public wrapper.
 
 Block skipping (`kernels/block_sparsity.py`): each (query block, kv block) pair is SKIP
@@ -33,7 +33,7 @@ Backends (picked from `jax.default_backend()` unless `interpret=True`):
   Pallas interpreter runs, so one formulation is tested on CPU and runs on GPU.
   `BlockSizes(gpu_forward="mosaic", gpu_backward="mosaic")` replaces the forward and/or the
   backward on Hopper with the warp-specialised Mosaic GPU kernels of
-  `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py` (wgmma, TMA, a producer
+  `flash_mgpu.py` / `flash_mgpu_bwd.py` (wgmma, TMA, a producer
   warpgroup) where they apply (bf16/f16, head dim a multiple of 64 up to 256 (backward: 128);
   segment ids and the key padding mask through the same block tables as here) and keeps
   Triton elsewhere; both families save the same LSE, so they mix freely. Triton is
@@ -63,9 +63,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from instructjax.kernels import block_sparsity as bsp
-from instructjax.kernels import flash_attention_mgpu as mgpu
-from instructjax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
-from instructjax.kernels.flash_attention_kernels import dkdv_kernel, dq_kernel, fwd_kernel
+from instructjax.kernels import flash_mgpu as mgpu
+from instructjax.kernels import flash_mgpu_bwd as mgpu_bwd
+from instructjax.kernels.flash_kernels import dkdv_kernel, dq_kernel, fwd_kernel
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class BlockSizes:
     block_kv_bwd keys and step over block_q_bwd queries; dQ programs the other way round).
     num_warps / num_stages: Triton only; None = chosen from the head dim.
     gpu_forward / gpu_backward: "triton", or "mosaic" for the Hopper kernels of
-        flash_attention_mgpu.py wherever they apply (Triton elsewhere).
+        flash_mgpu.py wherever they apply (Triton elsewhere).
     mosaic: the Mosaic kernels' tiles; None = MosaicBlocks.default(head dim).
     Blocks are clamped to the (power-of-two rounded) sequence length for short inputs.
     """

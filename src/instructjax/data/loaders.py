@@ -1,123 +1,35 @@
-"""Documents -> packed, batched LM training arrays; per-process batches -> global jax.Arrays.
+"""Grain loaders: random-access sources -> checkpointable iterators of host batches.
 
-Legend: N packed rows, B batch, T sequence length (seq_len).
+Legend: B batch, T sequence length (seq_len).
 
-A batch is a dict of [B, T] arrays (docs/interfaces-draft.md, "Batches"):
-  tokens      int32    input ids
-  targets     int32    next token of the same document, 0 where there is none
-  loss_mask   float32  weight of predicting targets[t]; 0 on padding and at the last
-                       token of every packed segment (its next token is not in the row)
-  segment_ids int32    1, 2, 3, ... per packed document within a row; 0 = padding
-  positions   int32    position within the segment, restarting at 0
+`make_lm_batches` yields packed LM batches (dict of [B, T] arrays, `packing` module
+docstring): grain does source -> this process's shard -> shuffle(seed, reshuffled each
+epoch) -> repeat -> tokenize ([bos] + text + [eos]) in one prefetch thread, in-process,
+without worker processes; `LMBatchIterator` packs the documents into rows and batches.
+`make_example_batches` yields batches of fixed-shape examples without packing (reward-model
+comparisons, PPO prompts). Both iterators' states are small JSON-able dicts, saved in
+checkpoints, so a resumed run sees exactly the batches it would have seen.
 
-Packing is greedy and keeps documents whole: a document goes into the current row if it
-fits in the space left, else it starts a new row (the rest of the old row is padding). A
-document longer than T is cut into T-token chunks first, each packed as its own segment (a
-text of any length, e.g. a 10 MB line, is tokenized whole and then cut).
-
-`make_lm_batches` runs in-process, without worker processes: grain does
-source -> this process's shard -> shuffle(seed, reshuffled each epoch) -> repeat ->
-tokenize ([bos] + text + [eos]) in one prefetch thread; `LMBatchIterator` packs the
-documents into rows and batches. Its state is a small JSON-able dict, saved in
-checkpoints, so a resumed run sees exactly the batches it would have seen. grain is
-imported only there, so this module (packing, `make_global_batch`) also imports on
-machines without grain.
+grain is imported inside the two `make_*` functions only, so this module imports on
+machines without it (the GPU image).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from instructjax.data import packing
 from instructjax.data.jsonl import DataFormatError
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _STATE_FORMAT = 1
 
 
-# ------------------------------------------------------------------------------ packing
-
-def _chunks(tokens: np.ndarray, weights: np.ndarray, seq_len: int):
-    """A document as a list of (tokens, weights) pieces of at most seq_len tokens."""
-    return [(tokens[s:s + seq_len], weights[s:s + seq_len])
-            for s in range(0, len(tokens), seq_len)]
-
-
-def _as_document(tokens: Any, weights: Any) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-    weights = np.asarray(weights, dtype=np.float32).reshape(-1)
-    if tokens.shape != weights.shape:
-        raise ValueError(f"a document has {tokens.shape[0]} tokens but "
-                         f"{weights.shape[0]} loss weights")
-    return tokens, weights
-
-
-def _make_row(pieces: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int
-              ) -> dict[str, np.ndarray]:
-    """Lays pieces (each <= seq_len tokens, together <= seq_len) out as one [T] row."""
-    row = {"tokens": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-           "loss_mask": np.zeros(seq_len, np.float32),
-           "segment_ids": np.zeros(seq_len, np.int32), "positions": np.zeros(seq_len, np.int32)}
-    start = 0
-    for segment, (tokens, weights) in enumerate(pieces, start=1):
-        end = start + len(tokens)
-        row["tokens"][start:end] = tokens
-        row["segment_ids"][start:end] = segment
-        row["positions"][start:end] = np.arange(len(tokens))
-        # Within a segment, position t predicts token t+1 with that token's loss weight;
-        # the segment's last position has no target in this row and stays masked.
-        row["targets"][start:end - 1] = tokens[1:]
-        row["loss_mask"][start:end - 1] = weights[1:]
-        start = end
-    return row
-
-
-def pack_documents(token_lists: Sequence[Sequence[int]],
-                   loss_weights_lists: Sequence[Sequence[float]] | None,
-                   seq_len: int) -> dict[str, np.ndarray]:
-    """Packs tokenized documents into rows of length seq_len (greedy, in order).
-
-    Args:
-        token_lists: N_docs documents, each a sequence of ids, already with the BOS/EOS the
-            caller wants (the pipeline adds both).
-        loss_weights_lists: one weight per token, same lengths: `weights[j]` is the weight of
-            the loss for predicting token j from the tokens before it (so `weights[0]` is
-            never used). None means all ones (plain LM).
-        seq_len: T.
-
-    Returns:
-        A batch dict (module docstring) of [N, T] arrays, N >= 1 rows (one padding row
-        when there are no tokens at all). Every token of every document appears exactly
-        once, in document order.
-    """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    if loss_weights_lists is None:
-        loss_weights_lists = [np.ones(len(t), np.float32) for t in token_lists]
-    if len(loss_weights_lists) != len(token_lists):
-        raise ValueError(f"{len(token_lists)} documents but {len(loss_weights_lists)} "
-                         "loss weight lists")
-    rows, pieces, used = [], [], 0
-    for tokens, weights in zip(token_lists, loss_weights_lists):
-        for piece in _chunks(*_as_document(tokens, weights), seq_len):
-            if used + len(piece[0]) > seq_len:
-                rows.append(_make_row(pieces, seq_len))
-                pieces, used = [], 0
-            pieces.append(piece)
-            used += len(piece[0])
-    if pieces or not rows:
-        rows.append(_make_row(pieces, seq_len))
-    return {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
-
-
-# ------------------------------------------------------------------------------ batches
+# ------------------------------------------------------------------------------ packed LM
 
 def _tokenize(record: Mapping[str, Any], *, tokenizer, text_field: str) -> dict[str, np.ndarray]:
     """{"tokens": int32 [n], "loss_weights": float32 [n]} for [bos] + text + [eos]."""
@@ -134,7 +46,7 @@ class LMBatchIterator:
     """Packs a stream of tokenized documents into [B, T] batches; checkpointable.
 
     Documents come from a grain iterator of {"tokens": int32 [n], "loss_weights": float32
-    [n]}; rows are packed with the same greedy rule as `pack_documents`.
+    [n]}; rows are packed with the same greedy rule as `packing.pack_documents`.
 
     `get_state()` returns a JSON-serialisable dict: the document iterator's state before
     the first document not yet fully packed, and how many of its chunks were packed. On
@@ -158,8 +70,9 @@ class LMBatchIterator:
             doc = next(self._documents)
         except StopIteration:
             return False
-        tokens, weights = _as_document(doc["tokens"], doc["loss_weights"])
-        self._doc_chunks, self._next_chunk = _chunks(tokens, weights, self._seq_len), 0
+        tokens, weights = packing.as_document(doc["tokens"], doc["loss_weights"])
+        self._doc_chunks = packing.document_chunks(tokens, weights, self._seq_len)
+        self._next_chunk = 0
         return True
 
     def _next_row(self) -> dict[str, np.ndarray] | None:
@@ -176,7 +89,7 @@ class LMBatchIterator:
             self._next_chunk += 1
             if self._next_chunk == len(self._doc_chunks):
                 self._doc_chunks = None
-        return _make_row(pieces, self._seq_len) if pieces else None
+        return packing.make_row(pieces, self._seq_len) if pieces else None
 
     def __iter__(self) -> LMBatchIterator:
         return self
@@ -192,8 +105,8 @@ class LMBatchIterator:
             raise StopIteration
         # After the last document, fill the batch with padding rows (segment 0, loss 0)
         # so that every batch has the same shape and nothing recompiles.
-        rows += [_make_row([], self._seq_len)] * (self._batch_size - len(rows))
-        return {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
+        rows += [packing.make_row([], self._seq_len)] * (self._batch_size - len(rows))
+        return packing.stack_rows(rows)
 
     def get_state(self) -> dict[str, Any]:
         """{"format": 1, "config": {...arguments...}, "documents": {...}, "chunk": int}."""
@@ -238,7 +151,7 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
 
     Args:
         source: random access records (`len(source)`, `source[i]` -> dict with a str
-            `text_field`), e.g. a split from `tfds_builders.build_text_source`.
+            `text_field`), e.g. a split from `text_sources.build_text_source`.
         tokenizer: a `tokenizer.Tokenizer` (encode, bos_id, eos_id).
         seq_len: T.
         batch_size: B, rows per batch on this process.
@@ -254,8 +167,8 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
             one that renders a dialogue and weights only the answer tokens (+ EOS).
 
     Returns:
-        An `LMBatchIterator` yielding batch dicts of [B, T] numpy arrays (module
-        docstring). With finite epochs the last batch is filled up with all-padding rows
+        An `LMBatchIterator` yielding batch dicts of [B, T] numpy arrays (`packing`
+        module docstring). With finite epochs the last batch is filled up with all-padding rows
         (loss_mask 0), so every batch has the same shape.
     """
     import grain  # pylint: disable=import-outside-toplevel  (absent on the GPU image)
@@ -284,67 +197,6 @@ def make_lm_batches(source: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
               "num_documents": len(source)}
     return LMBatchIterator(documents.__iter__(), seq_len=seq_len, batch_size=batch_size,
                            config=config)
-
-
-# ------------------------------------------------------------------------------ devices
-
-def make_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                      batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, jax.Array]:
-    """Assembles every process's batch into global arrays sharded over the batch dim.
-
-    Args:
-        host_batch: this process's batch, arrays [B_local, ...] with the same B_local.
-        mesh: the device mesh.
-        batch_axes: mesh axes the batch dim is split over.
-
-    Returns:
-        Same keys, jax.Arrays of shape [B_local * process_count, ...] with sharding
-        `NamedSharding(mesh, P(batch_axes))` (other dims replicated).
-
-    Raises:
-        ValueError: an unknown mesh axis, ragged batch sizes, or a global batch that does
-            not divide evenly over the devices along `batch_axes`.
-    """
-    batch_axes = tuple(batch_axes)
-    unknown = [a for a in batch_axes if a not in mesh.shape]
-    if unknown:
-        raise ValueError(f"batch axes {unknown} are not mesh axes {tuple(mesh.shape)}")
-    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in host_batch.items()}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"host batch arrays need one common leading batch dim, got {sizes}")
-    local_batch = next(iter(sizes.values()))
-    global_batch = local_batch * jax.process_count()
-    num_shards = math.prod(mesh.shape[a] for a in batch_axes)
-    if global_batch % num_shards:
-        raise ValueError(
-            f"global batch {global_batch} ({local_batch} per process x "
-            f"{jax.process_count()} processes) is not divisible by {num_shards}, the number "
-            f"of devices along mesh axes {batch_axes} "
-            f"({ {a: mesh.shape[a] for a in batch_axes} }); change the batch size or mesh")
-    sharding = NamedSharding(mesh, P(batch_axes))
-    return {k: jax.make_array_from_process_local_data(
-                sharding, np.asarray(v), (global_batch,) + np.shape(v)[1:])
-            for k, v in host_batch.items()}
-
-
-# ------------------------------------------------------------------------------ prompts
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists for generation: -> (tokens int32 [B, P], mask int32 [B, P]).
-
-    P = `length` or the longest sequence; a longer sequence keeps its last P tokens (the
-    end of a prompt holds the question and the assistant cue). mask is 1 on real tokens.
-    """
-    length = length or max(len(s) for s in sequences)
-    tokens = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), np.int32)
-    for row, seq in enumerate(sequences):
-        seq = list(seq)[-length:]
-        if seq:
-            tokens[row, length - len(seq):] = seq
-            mask[row, length - len(seq):] = 1
-    return tokens, mask
 
 
 # ------------------------------------------------------------------------------ unpacked
@@ -393,7 +245,12 @@ def make_example_batches(source: Sequence[Any], to_example, *, batch_size: int, 
     """Shuffled, sharded, repeated batches of `to_example(record)` dicts (no packing).
 
     `to_example` must be picklable (a top-level function or a functools.partial of one) and
-    return a dict of fixed-shape numpy arrays.
+    return a dict of fixed-shape numpy arrays; batches stack them: key -> [B, ...] with the
+    example's dtype. Sharding, shuffling and epochs work as in `make_lm_batches`.
+
+    Returns:
+        An `ExampleBatchIterator`; with finite epochs the last batch is filled up with
+        `pad_example` (which must carry zero loss weight), so every batch has the same shape.
     """
     import grain  # pylint: disable=import-outside-toplevel  (absent on the GPU image)
 

@@ -129,7 +129,7 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
     The queries sit at cache slots q_offset .. q_offset + T - 1 (their own keys are already
     written there). Query t of row b sees slot s when kv_mask[b, s] is set and
     s <= q_offset + t: causal order by slot, padding slots (left padding of a prompt) and
-    unwritten slots hidden by the mask. The pallas decode kernel (kernels/decode_attention.py)
+    unwritten slots hidden by the mask. The pallas decode kernel (kernels/decode.py)
     covers the special case T == 1 with a prefix mask.
 
     Args:
@@ -175,7 +175,7 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
 def decode_attention_reference(q, k_cache, v_cache, lengths, *, kv_mask=None, sm_scale=None):
     """One new query token per sequence against a KV cache, in plain jnp.
 
-    The oracle of kernels/decode_attention.py. Scores, softmax and the weighted sum of values
+    The oracle of kernels/decode.py. Scores, softmax and the weighted sum of values
     are all float32.
 
     Args:

@@ -1,7 +1,7 @@
 """Flash attention for Hopper GPUs (sm_90) in Pallas Mosaic GPU: the tiles, the warpgroup
-pipeline all kernels share, and the forward (dQ and dK/dV: flash_attention_mgpu_bwd.py).
+pipeline all kernels share, and the forward (dQ and dK/dV: flash_mgpu_bwd.py).
 
-The Triton kernels of `flash_attention.py` express one program as whole-array operations and
+The Triton kernels of `flash.py` express one program as whole-array operations and
 leave the pipelining to Triton. On Hopper the fast formulation (FlashAttention-3, Shah et al.,
 arXiv:2407.08608) needs what Triton does not expose: warpgroup matrix multiplies (wgmma) that
 read shared memory directly, tensor-memory-accelerator (TMA) copies, and warp specialisation.
@@ -17,7 +17,7 @@ have signalled that they are done with it ("consumed" barriers, two arrivals eac
   a register operand. "Ping-pong" scheduling: a two-arrival barrier makes the compute
   warpgroups alternate, so one runs its softmax (exp on the multi-function units) while the
   other's matmul holds the tensor cores.
-- dQ and dK/dV (flash_attention_mgpu_bwd.py): programs over query rows and over key rows;
+- dQ and dK/dV (flash_mgpu_bwd.py): programs over query rows and over key rows;
   dK/dV streams all G query heads of its kv head, so GQA is reduced without atomics.
 
 Numerics: softmax exponents are base 2. With c = sm_scale * log2(e), the forward keeps its
@@ -26,7 +26,7 @@ exponent. The LSE it writes is the natural log of the scaled scores, the quantit
 and interpreter kernels save, so forward and backward of either family mix; the backward
 rescales it to base 2 once outside the kernels.
 
-Scope (the wrapper in flash_attention.py falls back to Triton outside it): bf16 or f16,
+Scope (the wrapper in flash.py falls back to Triton outside it): bf16 or f16,
 head dim a multiple of 64 up to 256 (backward: up to 128, shared memory); the query length
 a multiple of MosaicBlocks.q_multiple and the key length of kv_multiple (the wrapper pads;
 under causal masking padded keys follow every real query, so they need no mask; otherwise

@@ -1,7 +1,7 @@
-"""The Pallas kernel bodies of flash_attention.py: forward, dQ and dK/dV programs.
+"""The Pallas kernel bodies of flash.py: forward, dQ and dK/dV programs.
 
 Written in the array-per-program style that Triton lowers, Mosaic TPU lowers and the Pallas
-interpreter runs (one formulation, three backends); flash_attention.py builds their
+interpreter runs (one formulation, three backends); flash.py builds their
 pallas_calls (grids, block specs, block-skipping tables), the custom VJP and the wrapper.
 Semantics, algorithm and letters as described there. `cfg` is flash_attention's `_Config`.
 """

@@ -1,9 +1,9 @@
 """Hopper (sm_90) decode attention in Pallas Mosaic GPU: split-K flash-decoding with TMA.
 
 Same program decomposition and partials as the Triton-formulation kernel in
-decode_attention.py (one program per (batch, kv head, split); float32 partial outputs
+decode.py (one program per (batch, kv head, split); float32 partial outputs
 normalised within the split and their natural-log log-sum-exp, merged there in float32),
-with the Hopper machinery of flash_attention_mgpu.py:
+with the Hopper machinery of flash_mgpu.py:
 
 - two warpgroups: a producer (`_stream`) TMA-copies the split's visible K, V and kv-mask
   blocks through `num_stages` shared-memory slots while the compute warpgroup works, so
@@ -15,9 +15,9 @@ with the Hopper machinery of flash_attention_mgpu.py:
 - a split reads only blocks below its sequence's length (a dynamic trip count); the block
   that crosses the length has its value rows past the length zeroed in shared memory
   before the P V matmul (a masked weight of 0 times a stale NaN would poison the sum, see
-  decode_attention.py), then a proxy fence publishes the stores to the tensor cores.
+  decode.py), then a proxy fence publishes the stores to the tensor cores.
 
-Letters as in decode_attention.py: B batch, K kv heads, G query heads per kv head, L
+Letters as in decode.py: B batch, K kv heads, G query heads per kv head, L
 (padded) cache length, D head dim, N splits, bk cache block.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from instructjax.kernels.decode_attention import split_block_range
+from instructjax.kernels.decode import split_block_range
 # _MASK_VALUE: the finite score fill for invisible entries (-inf would make a fully masked
 # block's max -inf and exp2 NaN).
-from instructjax.kernels.flash_attention_mgpu import (
+from instructjax.kernels.flash_mgpu import (
     _LN2, _LOG2E, _MASK_VALUE, _SUPPORTED_DTYPES, _launch, _slot, _smem_tiles, _stream)
 
 ROWS = 64                      # wgmma M tile of one warpgroup: the padded query group
@@ -181,7 +181,7 @@ def decode_partials(q_BKRD, k_cache, v_cache, lengths, mask_BL, *, group, sm_sca
 
     Returns:
         o float32 [B, K, N, G, D] normalised within each split, and lse float32 [B, K, N, G]
-        (natural log; -inf where a split saw nothing), as decode_attention.py combines them.
+        (natural log; -inf where a split saw nothing), as decode.py combines them.
     """
     B, K, rows, D = q_BKRD.shape
     L = k_cache.shape[1]

@@ -1,6 +1,6 @@
 """Which (query block, kv block) pairs an attention kernel must visit, and how it walks them.
 
-Used by `kernels/flash_attention.py` (all three kernels) and its tests. Attention is tiled
+Used by `kernels/flash.py` (all three kernels) and its tests. Attention is tiled
 into query blocks of bq rows and kv blocks of bk rows; each pair of blocks is one of
 
 - SKIP: no (query, key) pair in it is visible, so the kernel does not touch the block. Under

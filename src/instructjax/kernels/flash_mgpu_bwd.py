@@ -1,7 +1,7 @@
 """Flash-attention backward for Hopper GPUs (sm_90) in Pallas Mosaic GPU: dQ and dK/dV.
 
 FlashAttention-2's backward (Dao, arXiv:2307.08691, Alg. 2) split into two kernels, so that
-no kernel needs atomics. Both use the three-warpgroup pipeline of `flash_attention_mgpu.py`
+no kernel needs atomics. Both use the three-warpgroup pipeline of `flash_mgpu.py`
 (two compute warpgroups of 64-row tiles, a TMA producer warpgroup, loaded / consumed
 barriers per slot) and its conventions (base-2 exponents with c = sm_scale * log2(e); the
 forward's natural-log LSE is rescaled to base 2 once, outside the kernels).
@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # The pipeline building blocks are shared with the forward (same package, one pipeline).
-from instructjax.kernels.flash_attention_mgpu import (
+from instructjax.kernels.flash_mgpu import (
     _COMPUTE_REGISTERS, _COMPUTE_WARPGROUPS, _LOG2E, _PRODUCER_REGISTERS, MosaicBlocks,
     _causal_visible, _check_scale_and_causality, _kv_steps_before, _launch, _pass_over,
     _program_range, _query_tile, _segment_parts, _slot, _smem_tiles, _stream,
