@@ -2,6 +2,8 @@
 the RM score rises, the ratio is exactly 1 on the first minibatch and not afterwards, the
 frozen models stay bit-identical, every promised metric is logged, and resume works."""
 
+import chex
+import jax
 import numpy as np
 import pytest
 
@@ -163,3 +165,20 @@ def test_finished_run_killed_before_its_export_exports_on_rerun(stage_dirs, ppo_
         reader.close()
     finally:
         shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_separate_critic_starts_from_the_stored_frozen_reward_model(stage_dirs, tmp_path):
+    """With frozen_dtype=bfloat16 the critic starts from the reward model as PPO stores it
+    (bf16-rounded, widened back by the optimiser state's float32 params), the policy from the
+    float32 SFT params: the same starting point the stage had before the settings refactor."""
+    from instructjax.rlhf import actor_critic as ac
+    root, _ = stage_dirs
+    s = settings.from_config(ppo_config(root, steps=1, critic="separate",
+                                        frozen_dtype="bfloat16"))
+    r = ppo_stage.setup(s, str(tmp_path))
+    initial = r.initial_params()
+    assert all(x.dtype.name == "bfloat16" for x in jax.tree.leaves(r.rm_params))
+    want = ac.critic_from_reward_model(r.rm_params, r.gain, r.bias)
+    chex.assert_trees_all_equal(initial["critic"], want)
+    sft = workdirs.load_transformer_params(s.init_from, r.policy_cfg, r.mesh)
+    chex.assert_trees_all_equal(initial["actor"], sft)

@@ -105,18 +105,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_fits(mesh: Mesh, *, global_batch: int, num_heads: int, num_kv_heads: int,
+def check_fits(mesh: Mesh, *, global_batch: int | None, num_heads: int, num_kv_heads: int,
                micro_batches: int = 1) -> None:
-    """Raises MeshConfigError before compiling when batch or heads do not divide the mesh."""
-    shards = batch_axis_size(mesh)
-    if global_batch % micro_batches:
-        raise MeshConfigError(
-            f"batch_size {global_batch} is not divisible by grad_accum_steps {micro_batches}")
-    micro = global_batch // micro_batches
-    if micro % shards:
-        raise MeshConfigError(
-            f"per-step micro-batch {micro} (batch_size {global_batch} / grad_accum_steps "
-            f"{micro_batches}) must divide over the batch axes data x fsdp = {shards}")
+    """Raises MeshConfigError before compiling when batch or heads do not divide the mesh.
+
+    global_batch None: only the heads are checked (PPO checks its own batch sizes, naming
+    its own keys).
+    """
+    if global_batch is not None:
+        shards = batch_axis_size(mesh)
+        if global_batch % micro_batches:
+            raise MeshConfigError(f"batch_size {global_batch} is not divisible by "
+                                  f"grad_accum_steps {micro_batches}")
+        micro = global_batch // micro_batches
+        if micro % shards:
+            raise MeshConfigError(
+                f"per-step micro-batch {micro} (batch_size {global_batch} / grad_accum_steps "
+                f"{micro_batches}) must divide over the batch axes data x fsdp = {shards}")
     tensor = mesh.shape["tensor"]
     if num_heads % tensor or num_kv_heads % tensor:
         raise MeshConfigError(

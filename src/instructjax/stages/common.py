@@ -62,10 +62,11 @@ def main_process_first(fn: Callable[[], T], name: str) -> T:
     return result
 
 
-def build_mesh(mesh_shape: dict, model: dict, *, global_batch: int,
+def build_mesh(mesh_shape: dict, model: dict, *, global_batch: int | None,
                micro_batches: int = 1) -> Mesh:
     """The device mesh of `config.mesh` (`mesh_shape`), checked against the global batch
-    (rows per step; PPO: the minibatch) and the head counts of `model` (`config.model`)."""
+    (rows per step; None: not checked here, PPO checks its own sizes) and the head counts of
+    `model` (`config.model`)."""
     mesh = mesh_lib.make_mesh(dict(mesh_shape))
     mesh_lib.check_fits(mesh, global_batch=global_batch, num_heads=int(model["num_heads"]),
                         num_kv_heads=int(model["num_kv_heads"]), micro_batches=micro_batches)

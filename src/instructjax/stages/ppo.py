@@ -218,12 +218,15 @@ def setup(s: settings.StageSettings, workdir: str) -> PPORun:
     if not ppo.reward_from:
         raise common.StageError("config.ppo.reward_from is empty: point it at a finished "
                                 "reward stage directory")
-    mesh = common.build_mesh(s.mesh, s.model, global_batch=ppo.minibatch_size)
+    mesh = common.build_mesh(s.mesh, s.model, global_batch=None)  # check_sizes: the batches
     rollout_batch, minibatches = check_sizes(ppo, jax.process_count(),
                                              mesh_lib.batch_axis_size(mesh))
     rm, rm_params, rm_stats = load_reward_model(ppo.reward_from, s.model, mesh)
     model = ac.make_actor_critic(ppo.critic, policy_cfg, rm.cfg)
     sft_params = workdirs.load_transformer_params(s.init_from, policy_cfg, mesh)
+    # the frozen copies; a separate critic starts from the reward model as stored here
+    ref_params = cast_frozen(sft_params, ppo.frozen_dtype)
+    rm_params = cast_frozen(rm_params, ppo.frozen_dtype)
     gain = 1.0 / max(rm_stats["std"], 1e-6)
     bias = -rm_stats["mean"] * gain
 
@@ -254,8 +257,7 @@ def setup(s: settings.StageSettings, workdir: str) -> PPORun:
     return PPORun(s=s, mesh=mesh, tokenizer=tokenizer, policy_cfg=policy_cfg, model=model,
                   policy_model=policy_model, tx=tx, abstract=abstract, shardings=shardings,
                   init_boxed=init_boxed, initial_params=initial_params,
-                  ref_params=cast_frozen(sft_params, ppo.frozen_dtype),
-                  rm_params=cast_frozen(rm_params, ppo.frozen_dtype), gain=gain, bias=bias,
+                  ref_params=ref_params, rm_params=rm_params, gain=gain, bias=bias,
                   rollout_batch=rollout_batch, minibatches=minibatches, phases=phases,
                   prompt_batches=prompt_batches, ptx_batches=ptx_batches, eval_sets=eval_sets)
 
@@ -267,8 +269,8 @@ def rollout_and_score(r: PPORun, params, kl_coef, gen_rng, times: lifecycle.Phas
 
     Returns (Rollout, entropy float32 [B, N], Experience, advantage stats on the host).
     """
-    prompts = make_global_batch(next(r.prompt_batches), r.mesh)
-    with times("generation"):
+    with times("generation"):  # reading the prompts included
+        prompts = make_global_batch(next(r.prompt_batches), r.mesh)
         out = jax.block_until_ready(rollout.generate(
             r.policy_model, r.phases.rollout_params(params), prompts["tokens"],
             prompts["mask"], gen_rng, **r.s.ppo.sampling.options(
@@ -378,11 +380,9 @@ def evaluate(r: PPORun, params, iteration: int, writer) -> dict:
     return result
 
 
-def _resumed_positions(r: PPORun, start: lifecycle.Start, workdir: str):
-    """The KL controller state and the data positions at `start` (set on the iterators)."""
-    if start.meta is None:
-        return kl_lib.init_controller(r.s.ppo.kl)
-    meta = start.meta
+def _restore_positions(r: PPORun, meta: dict, workdir: str) -> None:
+    """Puts this process's prompt (and PPO-ptx) iterators where the checkpoint left them;
+    a checkpoint of another process count is refused."""
     if meta.get("process_count", 1) != jax.process_count():
         raise common.StageError(
             f"{workdir} was checkpointed by {meta.get('process_count', 1)} process(es); "
@@ -393,7 +393,6 @@ def _resumed_positions(r: PPORun, start: lifecycle.Start, workdir: str):
     if r.ptx_batches is not None:
         r.ptx_batches.set_state(host_state.state_from_meta(meta, "ptx_states",
                                                            legacy_key="ptx_state"))
-    return kl_lib.KLControllerState(kl_coef=jnp.float32(meta["kl_coef"]))
 
 
 def _checkpoint_meta(r: PPORun, kl_state, finished: bool, bad_steps: int) -> dict:
@@ -424,10 +423,12 @@ def run(config: Any, workdir: str) -> dict:
             cfg.steps, name="ppo", workdir=workdir, unit="iteration",
             fresh_state=lambda: state_lib.create_state(r.init_boxed, r.tx, r.shardings, s.seed,
                                                        r.initial_params()),
-            export=lambda state: ckpt_lib.export_params(workdir, ac.policy_params(state.params)))
+            export=lambda state: ckpt_lib.export_params(workdir, ac.policy_params(state.params)),
+            restore_positions=lambda meta: _restore_positions(r, meta, workdir))
         if start.finished:
             return {}
-        kl_state = _resumed_positions(r, start, workdir)
+        kl_state = (kl_lib.init_controller(s.ppo.kl) if start.meta is None else
+                    kl_lib.KLControllerState(kl_coef=jnp.float32(start.meta["kl_coef"])))
         guard = divergence.BadStepGuard("ppo", cfg.max_bad_steps, start.bad_steps)
         last_saved = start.step if start.meta is not None else None
         workdirs.write_run_info(workdir, "ppo", r.policy_cfg,

@@ -20,7 +20,8 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     mesh = common.build_mesh(s.mesh, s.model, global_batch=s.train_batch_size,
                              micro_batches=s.loop.grad_accum_steps)
     train_paths, eval_paths = workdirs.corpus_paths(s.data, workdir)
-    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths)
+    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths,
+                                         s.data.text_field)
     model_cfg = workdirs.model_config(s.model, tokenizer)
     model = Transformer(model_cfg)
 

@@ -2,8 +2,8 @@
 
 Everything below the stages (model, data, rlhf, train, eval, parallel) takes these
 dataclasses, never the ConfigDict; the stages read them instead of `int(config...)` casts.
-A stage's schema (configs/base.py) holds only the sections it reads, so a section missing
-here is one that stage does not use (its field is None).
+A stage's schema (configs/base.py) holds only the sections it reads; a section its schema
+lacks is None here (the reward stage's `eval` keys go into RewardSettings, its `eval` is None).
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ class RewardSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
-    """`config.ppo` plus `train.steps` (= iterations) and the optimiser of the critic.
+    """`config.ppo` (the iterations are `loop.steps`; the policy's optimiser is
+    `StageSettings.optim`, a separate critic's takes critic_learning_rate instead).
 
     sampling.num_samples answers per prompt, prompts_per_iteration prompts per iteration;
     hyper: what the jitted PPO functions close over; kl: the KL-coefficient controller.
     """
     reward_from: str
-    iterations: int
     prompts_per_iteration: int
     minibatch_size: int
     epochs: int
@@ -121,7 +121,8 @@ class StageSettings:
 
     model: `config.model` as a dict (a ModelConfig is built from it, or from the earlier
     stage's run record plus its runtime fields, by stages/workdirs.py).
-    train_batch_size / grad_accum_steps: the supervised global batch (None in PPO).
+    train_batch_size: the supervised global batch (None in PPO, whose batches are ppo.*);
+    its micro-batches are `loop.grad_accum_steps` (1 in PPO).
     """
     stage: str
     seed: int
@@ -178,7 +179,7 @@ def loop_from(train: Any, seed: int) -> LoopConfig:
 
 
 def ppo_from(config: Any) -> PPOSettings:
-    """PPOSettings from `config.ppo` and `config.train.steps`."""
+    """PPOSettings from `config.ppo`."""
     p = config.ppo
     hyper = PPOHyper(
         prompt_len=int(p.max_prompt_len), temperature=float(p.temperature), gamma=float(p.gamma),
@@ -191,7 +192,7 @@ def ppo_from(config: Any) -> PPOSettings:
     kl = KLControllerConfig(kind=str(p.kl_controller), init_coef=float(p.init_kl_coef),
                             target=float(p.kl_target), horizon=float(p.kl_horizon))
     return PPOSettings(
-        reward_from=str(p.reward_from), iterations=int(config.train.steps),
+        reward_from=str(p.reward_from),
         prompts_per_iteration=int(p.prompts_per_iteration),
         minibatch_size=int(p.minibatch_size), epochs=int(p.epochs),
         sampling=sampling_from(p, int(p.num_samples)), hyper=hyper, kl=kl,

@@ -14,7 +14,8 @@ def run(config: Any, workdir: str):
         config, workdir,
         has_progress=os.path.exists(os.path.join(workdir, workdirs.TOKENIZER_FILE)))
     train_paths, _ = workdirs.corpus_paths(s.data, workdir)
-    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths)
+    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths,
+                                         s.data.text_field)
     if common.is_main_process():
         print(f"[tokenizer] {tokenizer.vocab_size} pieces -> "
               f"{os.path.join(workdir, workdirs.TOKENIZER_FILE)}", flush=True)

@@ -36,9 +36,10 @@ def model_config(model: dict, tokenizer: tok_lib.Tokenizer) -> ModelConfig:
     return cfg
 
 
-def ensure_tokenizer(tok: TokenizerSettings, seed: int, workdir: str,
-                     corpus_paths: list[str]) -> tok_lib.Tokenizer:
-    """Loads `tok.path`, or trains one on `corpus_paths` (once per workdir).
+def ensure_tokenizer(tok: TokenizerSettings, seed: int, workdir: str, corpus_paths: list[str],
+                     text_field: str = "text") -> tok_lib.Tokenizer:
+    """Loads `tok.path`, or trains one on the `text_field` of `corpus_paths` (once per
+    workdir).
 
     The model file is copied to WORKDIR/tokenizer.model so a stage's workdir is
     self-contained for the stages that initialise from it.
@@ -55,7 +56,7 @@ def ensure_tokenizer(tok: TokenizerSettings, seed: int, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     return tok_lib.train_tokenizer(corpus_paths, local, tok.vocab_size,
                                    model_type=tok.model_type, seed=seed,
-                                   max_lines=tok.max_training_lines)
+                                   max_lines=tok.max_training_lines, text_field=text_field)
 
 
 def start_stage(config: Any, workdir: str, *, has_progress: bool | None = None

@@ -68,13 +68,16 @@ def say(name: str, message: str) -> None:
 
 def resume_or_start(checkpointer: ckpt_lib.Checkpointer, writer, target: Any, total: int, *,
                     name: str, workdir: str, unit: str, fresh_state: Callable[[], Any],
-                    export: Callable[[Any], None]) -> Start:
+                    export: Callable[[Any], None],
+                    restore_positions: Callable[[dict], None]) -> Start:
     """Restores the newest checkpoint into `target` (abstract state with shardings), or starts.
 
     A run already finished at `total` is not trained again; if it was killed between its
-    final checkpoint and its export, `export(state)` writes the params now. A resumed run
-    drops metric rows past its checkpoint; a fresh one keeps an earlier attempt's rows aside.
-    `fresh_state()` is only called when there is nothing to restore.
+    final checkpoint and its export, `export(state)` writes the params now. On a resume,
+    `restore_positions(meta)` puts the data iterators where the checkpoint left them (and
+    may refuse the resume, e.g. another process count) before anything is written; then
+    the metric rows past the checkpoint are dropped. A fresh start keeps an earlier
+    attempt's rows aside. `fresh_state()` is only called when there is nothing to restore.
     """
     restored = checkpointer.restore_latest(target)
     if restored is None:
@@ -86,6 +89,7 @@ def resume_or_start(checkpointer: ckpt_lib.Checkpointer, writer, target: Any, to
         if not os.path.isdir(os.path.join(workdir, ckpt_lib.PARAMS_DIR)):
             export(state)
         return Start(state, step, meta, finished=True)
+    restore_positions(meta)
     writer.truncate_after(step)
     say(name, f"resuming from {unit} {step}")
     return Start(state, step, meta, bad_steps=int(meta.get("bad_steps", 0)))

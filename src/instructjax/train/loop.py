@@ -171,12 +171,11 @@ def run_supervised(task: SupervisedTask, cfg: lifecycle.LoopConfig, opt_cfg: opt
         start = lifecycle.resume_or_start(
             checkpointer, writer, ckpt_lib.abstract_with_shardings(abstract, shardings),
             cfg.steps, name=task.name, workdir=workdir, unit="step", fresh_state=fresh_state,
-            export=lambda s: ckpt_lib.export_params(workdir, s.params))
+            export=lambda s: ckpt_lib.export_params(workdir, s.params),
+            restore_positions=lambda meta: train_batches.set_state(
+                host_state.state_from_meta(meta, "data_states", legacy_key="data_state")))
         if start.finished:
             return LoopResult(start.state, start.step, finished=True, skipped=True)
-        if start.meta is not None:
-            train_batches.set_state(
-                host_state.state_from_meta(start.meta, "data_states", legacy_key="data_state"))
         guard = divergence.BadStepGuard(task.name, cfg.max_bad_steps, start.bad_steps)
         log = _StepLog(task, cfg, writer, guard, start.step,
                        start.step if start.meta is not None else None)
