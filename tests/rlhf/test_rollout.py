@@ -287,3 +287,29 @@ def test_ppo_update_logprobs_match_the_reference_forward_and_the_rollouts():
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(update_logprobs)[real],
                                np.asarray(rollout.logprobs)[real], **LOGPROB_TOL)
+
+
+def test_several_eos_ids_end_a_row_at_the_first_of_any():
+    # LLaMA 3 instruct ends a turn with <|eot_id|> and a text with <|end_of_text|>: a row
+    # must stop at whichever comes first. Two ids taken from row 0's free continuation.
+    tokens, mask = left_pad(PROMPTS, P)
+    free, _ = greedy(tokens, mask, eos_id=-1)
+    free_response = np.asarray(free.response)
+    first_eos, second_eos = int(free_response[0, 4]), int(free_response[0, 7])
+    rollout, _ = greedy(tokens, mask, eos_id=(second_eos, first_eos))
+    for b, row in enumerate(free_response):
+        hits = np.flatnonzero((row == first_eos) | (row == second_eos))
+        length = hits[0] + 1 if len(hits) else N
+        assert int(rollout.response_length[b]) == length, b
+        np.testing.assert_array_equal(rollout.response[b, :length], row[:length])
+        assert np.all(np.asarray(rollout.response)[b, length:] == PAD)
+    mask_tuple, length_tuple, _ = rl.mask_after_eos(rollout.response, (first_eos, second_eos))
+    np.testing.assert_array_equal(mask_tuple, rollout.response_mask)
+    np.testing.assert_array_equal(length_tuple, rollout.response_length)
+
+
+def test_a_pad_id_equal_to_an_eos_id_is_refused():
+    tokens, mask = left_pad(PROMPTS, P)
+    with pytest.raises(ValueError, match="pad_id 0 equals an EOS id"):
+        rl.generate(MODEL, params(), tokens, mask, jax.random.key(0), max_new_tokens=N,
+                    greedy=True, eos_id=(EOS, PAD), pad_id=PAD)

@@ -32,6 +32,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instructjax.model import cache as cache_lib
 from instructjax.parallel.mesh import shard_rows
@@ -127,21 +128,37 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def eos_array(eos_id):
+    """The end-of-sequence ids as int32 [E]: from one int, a sequence of ints or an array.
+
+    Families end text in more than one way (LLaMA 3 instruct ends a turn with <|eot_id|>
+    and a text with <|end_of_text|>); a row ends at the first of any of them.
+    """
+    return jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
+
+
+def is_eos(tokens, eos_id):
+    """bool, tokens' shape: whether each token is one of the EOS ids (int, sequence or [E])."""
+    eos_E = eos_array(eos_id)
+    return jnp.any(tokens[..., None] == eos_E, axis=-1)
+
+
 def mask_after_eos(response, eos_id):
     """Which response tokens count: those up to and including each row's first EOS.
 
     Args:
         response: int [B, N] tokens.
-        eos_id: int, may be traced.
+        eos_id: an int, a sequence of ints or an int array [E] (any of them ends a row);
+            may be traced.
 
     Returns:
         (response_mask int32 [B, N], response_length int32 [B], ended bool [B]): ended says
         whether the row holds an EOS; length is the first EOS's index + 1, or N.
     """
     N = response.shape[1]
-    is_eos = response == eos_id
-    ended = jnp.any(is_eos, axis=1)
-    length = jnp.where(ended, jnp.argmax(is_eos, axis=1) + 1, N).astype(jnp.int32)
+    eos_BN = is_eos(response, eos_id)
+    ended = jnp.any(eos_BN, axis=1)
+    length = jnp.where(ended, jnp.argmax(eos_BN, axis=1) + 1, N).astype(jnp.int32)
     response_mask = (jnp.arange(N)[None, :] < length[:, None]).astype(jnp.int32)
     return response_mask, length, ended
 
@@ -189,7 +206,7 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
     token_R, logprob_R = sample(logits_RPV[:, -1], jax.random.fold_in(rng, 0))
     response_RN = shard_rows(jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(token_R))
     logprobs_RN = shard_rows(jnp.zeros((R, N), jnp.float32).at[:, 0].set(logprob_R))
-    state = (jnp.int32(1), cache, token_R, token_R == eos_id, response_RN, logprobs_RN)
+    state = (jnp.int32(1), cache, token_R, is_eos(token_R, eos_id), response_RN, logprobs_RN)
 
     def not_done(state):
         i, _, _, ended_R, _, _ = state
@@ -208,7 +225,7 @@ def _generate(model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id, *,
         logprobs_RN = shard_rows(jax.lax.dynamic_update_slice(logprobs_RN, logprob_R[:, None],
                                                               (0, i)))
         cache = cache_lib.constrain(cache)
-        return i + 1, cache, token_R, ended_R | (token_R == eos_id), response_RN, logprobs_RN
+        return i + 1, cache, token_R, ended_R | is_eos(token_R, eos_id), response_RN, logprobs_RN
 
     num_steps, _, _, _, response_RN, logprobs_RN = jax.lax.while_loop(not_done, step, state)
 
@@ -243,8 +260,10 @@ def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
         temperature: > 0, logits are divided by it before filtering and log-probs; static.
         top_k, top_p: filters applied before drawing (see filter_logits); static.
         greedy: take the argmax instead of drawing (filters and rng unused); static.
-        eos_id: int, ends a row (kept, counted in the mask); may be traced.
-        pad_id: int written after a row's EOS; it must differ from eos_id. May be traced.
+        eos_id: the id that ends a row (kept, counted in the mask), or several (a sequence
+            of ints or an int array [E]: a row ends at the first of any); may be traced.
+        pad_id: int written after a row's EOS; it must differ from every EOS id (checked
+            when both are concrete). May be traced.
         num_samples: n >= 1 samples per prompt, rows b * n + j; static.
         return_num_steps: also return the number of forward passes run (the prefill plus
             one per decode step; fewer than N when every row ended early), e.g. for the
@@ -270,8 +289,21 @@ def generate(model, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens,
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, "
                          f"top_p={top_p}")
+    _check_pad_not_eos(pad_id, eos_id)
     rollout, num_steps = _generate(
-        model, params, prompt_tokens, prompt_mask, rng, eos_id, pad_id,
+        model, params, prompt_tokens, prompt_mask, rng, eos_array(eos_id), pad_id,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), greedy=bool(greedy), num_samples=num_samples)
     return (rollout, num_steps) if return_num_steps else rollout
+
+
+def _check_pad_not_eos(pad_id, eos_id):
+    """Refuses a pad id equal to an EOS id (PPO-DETAILS: padding after a row's end would
+    read as more EOS tokens). Traced ids (generate inside a jit) are checked by the caller."""
+    if isinstance(pad_id, jax.core.Tracer) or isinstance(eos_id, jax.core.Tracer):
+        return
+    eos = [int(e) for e in np.atleast_1d(np.asarray(eos_id))]
+    if int(pad_id) in eos:
+        raise ValueError(f"pad_id {int(pad_id)} equals an EOS id {eos}: padding written after "
+                         "a row's end would read as more EOS tokens; give the tokenizer a "
+                         "distinct pad id")
