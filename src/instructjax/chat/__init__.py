@@ -1,0 +1,1 @@
+"""Talking to a model: a streaming KV-cache decoder and a multi-turn chat session."""
