@@ -1,5 +1,5 @@
 """instructjax: the InstructGPT pipeline (pretrain -> SFT -> reward model -> PPO) in JAX."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="instructjax",
@@ -7,17 +7,7 @@ setup(
     description="JAX-native reproduction of the ChatGPT/InstructGPT training pipeline",
     python_requires=">=3.11",
     package_dir={"": "src"},
-    packages=[
-        "instructjax",
-        "instructjax.kernels",
-        "instructjax.model",
-        "instructjax.data",
-        "instructjax.parallel",
-        "instructjax.train",
-        "instructjax.stages",
-        "instructjax.rlhf",
-        "instructjax.eval",
-    ],
+    packages=find_packages("src"),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -33,8 +23,15 @@ setup(
         "grain>=0.2.18",
         "tensorboardX",
         "matplotlib",
+        # Open models: Hugging Face checkpoints, tokenizer.json files and chat templates.
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        # torch and transformers are the Hugging Face reference in tests only. torch is pinned
+        # to the CPU build on this machine's disk: unpinned, pip pulls a CUDA build of
+        # several GB.
+        "dev": ["pytest", "pytest-timeout", "torch==2.13.0", "transformers>=5,<6"],
     },
 )
