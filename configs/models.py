@@ -9,6 +9,10 @@ import ml_collections
 
 _COMMON = dict(
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
+    # Open-model family features (model/config.py): LLaMA 3.1's RoPE scaling, Qwen3's q/k
+    # norms, Mistral's sliding window. Off in our own presets.
+    rope_scaling="none", rope_scaling_factor=1.0, rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0, rope_original_max_len=0, qk_norm=False, sliding_window=0,
     dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
     attention_impl="xla",
 )
@@ -29,6 +33,13 @@ PRESETS = {
     # LLaMA-2-7B shape: ~6.74B params.
     "7b": dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                head_dim=128, mlp_dim=11008, max_seq_len=4096),
+    # The shape of Qwen2.5-0.5B(-Instruct) (config.json of Qwen/Qwen2.5-0.5B-Instruct): qkv
+    # bias, tied embeddings, GQA 7:1; 494,032,768 params. With config.init_from_hf the
+    # weights' own config.json decides the shape; the preset sizes the dry run.
+    "qwen2.5-0.5b": dict(vocab_size=151936, embed_dim=896, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, mlp_dim=4864, max_seq_len=32768,
+                         rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                         qkv_bias=True),
     # LLaMA-13B width with 36 layers and GQA 5:1: ~10.2B params.
     "10b": dict(vocab_size=32000, embed_dim=5120, num_layers=36, num_heads=40, num_kv_heads=8,
                 head_dim=128, mlp_dim=13824, max_seq_len=4096),

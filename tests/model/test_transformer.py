@@ -223,7 +223,8 @@ def test_entry_points_are_one_forward_pass_with_one_param_tree():
 def test_rope_is_the_rotate_half_rotation():
     x = normal(jax.random.key(6), (2, 5, 3, 8))
     positions = random_tokens(7, (2, 5), vocab_size=1000)
-    out = np.asarray(jax.jit(tm.apply_rope)(x, positions, 500.0), np.float64)
+    inv_freq = tm.rope_frequencies(8, 500.0)
+    out = np.asarray(jax.jit(tm.apply_rope)(x, positions, inv_freq), np.float64)
     # Independent form: features (i, i + D/2) as one complex number, turned by
     # position * theta**(-2i/D).
     xn = np.asarray(x, np.float64)
@@ -237,11 +238,12 @@ def test_rope_is_the_rotate_half_rotation():
 def test_rope_scores_depend_only_on_offset():
     kq, kk = jax.random.split(jax.random.key(8))
     q, k = normal(kq, (1, 1, 1, 16)), normal(kk, (1, 1, 1, 16))
+    inv_freq = tm.rope_frequencies(16, 10000.0)
 
     @jax.jit
     def rope_score(i, j):
-        qi = tm.apply_rope(q, jnp.full((1, 1), i, jnp.int32), 10000.0)
-        kj = tm.apply_rope(k, jnp.full((1, 1), j, jnp.int32), 10000.0)
+        qi = tm.apply_rope(q, jnp.full((1, 1), i, jnp.int32), inv_freq)
+        kj = tm.apply_rope(k, jnp.full((1, 1), j, jnp.int32), inv_freq)
         return jnp.sum(qi * kj)
 
     def score(i, j):

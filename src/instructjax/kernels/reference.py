@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 
-def make_attention_mask(segment_ids_q, segment_ids_k, causal):
+def make_attention_mask(segment_ids_q, segment_ids_k, causal, *, window=None):
     """Which keys each query may attend to.
 
     A query sees a key when both carry the same non-zero segment id and, if `causal`, the
@@ -23,6 +23,9 @@ def make_attention_mask(segment_ids_q, segment_ids_k, causal):
         causal: when True, T must equal S and query t sees keys s <= t. Causality is by
             index in the row, which is what packing needs: packed documents are contiguous,
             so index order within a segment is document order.
+        window: optional sliding window W >= 1 (needs causal): query t also needs
+            s > t - W, so it sees at most its W latest keys. By index too: within a segment
+            an index difference is a position difference.
 
     Returns:
         bool [B, T, S], True where the query may attend to the key.
@@ -30,9 +33,10 @@ def make_attention_mask(segment_ids_q, segment_ids_k, causal):
     T, S = segment_ids_q.shape[1], segment_ids_k.shape[1]
     same_BTS = segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
     mask_BTS = same_BTS & (segment_ids_q[:, :, None] != 0)
+    _check_window(window, causal)
     if causal:
         _check_causal_lengths(T, S)
-        mask_BTS = mask_BTS & _causal_mask(T)[None, :, :]
+        mask_BTS = mask_BTS & _causal_mask(T, window)[None, :, :]
     return mask_BTS
 
 
@@ -41,12 +45,31 @@ def _check_causal_lengths(T, S):
         raise ValueError(f"causal attention needs equal query and key lengths, got {T} and {S}")
 
 
-def _causal_mask(T):
-    """bool [T, T], True on and below the diagonal."""
-    return jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+def _check_window(window, causal):
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal=True")
 
 
-def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
+def _causal_mask(T, window=None):
+    """bool [T, T], True on and below the diagonal (and within `window` of it, if given)."""
+    return _slot_causal_mask(jnp.arange(T), T, window)
+
+
+def _slot_causal_mask(slot_q_T, S, window):
+    """bool [T, S]: key slot s is visible from query slot q when s <= q (and s > q - window)."""
+    slot_k_S = jnp.arange(S)[None, :]
+    mask_TS = slot_k_S <= slot_q_T[:, None]
+    if window is not None:
+        # transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window.
+        mask_TS = mask_TS & (slot_k_S > slot_q_T[:, None] - window)
+    return mask_TS
+
+
+def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, window=None):
     """Softmax attention with grouped-query heads, packing by segment ids and causal masking.
 
     Args:
@@ -59,6 +82,8 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
             0 = padding. None means one segment covering every token.
         causal: whether query t may only see keys s <= t (requires T == S).
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
+        window: optional sliding window W >= 1 (needs causal): query t sees only keys
+            t - W < s <= t, by index in the row (see `make_attention_mask`).
 
     Returns:
         [B, T, H, D] in q.dtype. A query with no visible key (a padding row) gets exactly 0,
@@ -74,15 +99,16 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
     G = H // K
     if sm_scale is None:
         sm_scale = D ** -0.5
+    _check_window(window, causal)
 
     if segment_ids is not None:
         if segment_ids.shape != (B, T) or T != S:
             raise ValueError(f"segment_ids {segment_ids.shape} must be [B, T] = [{B}, {T}] "
                              f"and needs T == S (S = {S})")
-        mask_BTS = make_attention_mask(segment_ids, segment_ids, causal)
+        mask_BTS = make_attention_mask(segment_ids, segment_ids, causal, window=window)
     elif causal:
         _check_causal_lengths(T, S)
-        mask_BTS = _causal_mask(T)[None, :, :]
+        mask_BTS = _causal_mask(T, window)[None, :, :]
     else:
         mask_BTS = None
 
@@ -123,7 +149,7 @@ def masked_softmax(scores, mask):
     return weights / jnp.where(denom == 0.0, 1.0, denom)
 
 
-def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
+def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None, window=None):
     """Attention of T new queries over a key/value cache: the decoding path's semantics.
 
     The queries sit at cache slots q_offset .. q_offset + T - 1 (their own keys are already
@@ -140,6 +166,9 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
         kv_mask: bool or int [B, S], nonzero where the slot holds a real token.
         q_offset: int scalar (may be traced), the slot of query 0, the same for all rows.
         sm_scale: multiplier of q.k before the softmax; default 1/sqrt(D).
+        window: optional sliding window W >= 1: query t also needs s > q_offset + t - W,
+            by slot difference (the same as `attention`'s index difference when the cache
+            row holds the same row of tokens).
 
     Returns:
         [B, T, H, D] in q.dtype. A query with no visible slot (a padding query whose earlier
@@ -158,8 +187,8 @@ def cached_attention(q, k_cache, v_cache, *, kv_mask, q_offset, sm_scale=None):
     if sm_scale is None:
         sm_scale = D ** -0.5
 
-    slot_q_T = q_offset + jnp.arange(T)
-    causal_TS = jnp.arange(S)[None, :] <= slot_q_T[:, None]
+    _check_window(window, causal=True)
+    causal_TS = _slot_causal_mask(q_offset + jnp.arange(T), S, window)
     mask_B11TS = ((kv_mask != 0)[:, None, :] & causal_TS[None, :, :])[:, None, None, :, :]
 
     q_BTKGD = q.reshape(B, T, K, G, D)

@@ -84,24 +84,60 @@ class Projection(nn.Module):
         return y
 
 
-def apply_rope(x, positions, theta):
+def rope_frequencies(head_dim, theta):
+    """Plain RoPE's inverse frequencies: float32 [D/2], entry i = theta**(-2i/D)."""
+    return 1.0 / (theta ** (jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+
+
+def llama3_scaled_frequencies(inv_freq_d, factor, low_freq_factor, high_freq_factor,
+                              original_max_len):
+    """LLaMA 3.1's rescaling of RoPE's inverse frequencies (float32 [D/2] -> float32 [D/2]).
+
+    The formula of transformers' `_compute_llama3_parameters` (modeling_rope_utils.py): with
+    wavelength w = 2*pi / f, frequencies with w > original_max_len / low_freq_factor are
+    divided by `factor` (they never completed a turn in pretraining, so stretch them), those
+    with w < original_max_len / high_freq_factor are kept, and in between the result blends
+    f / factor and f linearly in original_max_len / w. Its attention scaling is 1.
+    """
+    wavelen_d = 2 * math.pi / inv_freq_d
+    low_freq_wavelen = original_max_len / low_freq_factor
+    high_freq_wavelen = original_max_len / high_freq_factor
+    scaled_d = jnp.where(wavelen_d > low_freq_wavelen, inv_freq_d / factor, inv_freq_d)
+    smooth_d = ((original_max_len / wavelen_d - low_freq_factor)
+                / (high_freq_factor - low_freq_factor))
+    smoothed_d = (1 - smooth_d) * scaled_d / factor + smooth_d * scaled_d
+    is_medium_d = ~(wavelen_d < high_freq_wavelen) & ~(wavelen_d > low_freq_wavelen)
+    return jnp.where(is_medium_d, smoothed_d, scaled_d)
+
+
+def rope_inverse_frequencies(cfg):
+    """The inverse frequencies RoPE rotates by under `cfg`: float32 [cfg.head_dim / 2]."""
+    inv_freq_d = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_scaling == "llama3":
+        inv_freq_d = llama3_scaled_frequencies(
+            inv_freq_d, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    return inv_freq_d
+
+
+def apply_rope(x, positions, inv_freq_d):
     """Rotary position embedding, in the rotate-half layout of Hugging Face's LLaMA.
 
     Feature i is paired with feature i + D/2 and the pair is rotated by the angle
-    position * theta**(-2i/D), so q.k after RoPE depends on positions only via their
+    position * inv_freq_d[i], so q.k after RoPE depends on positions only via their
     difference.
 
     Args:
         x: [B, T, N, D] queries or keys (N heads), any float dtype; D even.
         positions: int [B, T], position of each token within its own document.
-        theta: RoPE base wavelength.
+        inv_freq_d: float32 [D/2] inverse frequencies (`rope_inverse_frequencies(cfg)`, or
+            `rope_frequencies(D, theta)` for plain RoPE).
 
     Returns:
         [B, T, N, D] in x.dtype (the rotation itself is computed in float32).
     """
-    D = x.shape[-1]
-    half = D // 2
-    inv_freq_d = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / D))
+    if inv_freq_d.shape != (x.shape[-1] // 2,):
+        raise ValueError(f"inv_freq_d {inv_freq_d.shape} must be [D/2] for x {x.shape}")
     angle_BTd = positions.astype(jnp.float32)[:, :, None] * inv_freq_d[None, None, :]
     sin_BT1d = jnp.sin(angle_BTd)[:, :, None, :]
     cos_BT1d = jnp.cos(angle_BTd)[:, :, None, :]
@@ -114,17 +150,19 @@ def apply_rope(x, positions, theta):
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in float32.
 
-    Maps [..., E] to [..., E] in `dtype`; the scale param is [E] ('embed',).
+    Maps [..., E] to [..., E] in `dtype`; the scale param is [E] with logical name
+    `axis_name` ("embed" for the residual stream, "head_dim" for the qk norms).
     """
 
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x):
         E = x.shape[-1]
-        ones_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        ones_init = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
         scale_E = self.param("scale", ones_init, (E,), self.param_dtype)
         x = x.astype(jnp.float32)
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
@@ -137,15 +175,17 @@ def _dtypes(cfg):
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def _norm(cfg, name):
-    return RMSNorm(cfg.norm_eps, name=name, **_dtypes(cfg))
+def _norm(cfg, name, axis_name="embed"):
+    return RMSNorm(cfg.norm_eps, name=name, axis_name=axis_name, **_dtypes(cfg))
 
 
 class Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads: [B, T, E] -> [B, T, E].
 
     Params: query kernel [E, H, D], key and value kernels [E, K, D] (plus [H, D] / [K, D]
-    biases when cfg.qkv_bias), out kernel [H, D, E].
+    biases when cfg.qkv_bias), out kernel [H, D, E]; query_norm/scale and key_norm/scale
+    [D] when cfg.qk_norm (each head of q and k RMS-normed before RoPE, as in Qwen3).
+    cfg.sliding_window limits how far back each query sees (model/attention.py).
 
     Decoding (`kv_cache` given): the chunk's keys and values go into a copy of this layer's
     cache slice at slots cache_index .. cache_index + T - 1, the queries attend over the
@@ -170,17 +210,22 @@ class Attention(nn.Module):
             return Projection((num_heads, cfg.head_dim), ("embed",), (heads_axis, "head_dim"),
                               cfg.qkv_bias, name=name, **_dtypes(cfg))(x_BTE)
 
-        q_BTHD = apply_rope(project(cfg.num_heads, "heads", "query"), positions_BT,
-                            cfg.rope_theta)
-        k_BTKD = apply_rope(project(cfg.num_kv_heads, "kv_heads", "key"), positions_BT,
-                            cfg.rope_theta)
+        q_BTHD = project(cfg.num_heads, "heads", "query")
+        k_BTKD = project(cfg.num_kv_heads, "kv_heads", "key")
         v_BTKD = project(cfg.num_kv_heads, "kv_heads", "value")
+        if cfg.qk_norm:
+            q_BTHD = _norm(cfg, "query_norm", "head_dim")(q_BTHD)
+            k_BTKD = _norm(cfg, "key_norm", "head_dim")(k_BTKD)
+        inv_freq_d = rope_inverse_frequencies(cfg)
+        q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_d)
+        k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_d)
+        window = cfg.sliding_window or None
         q_BTHD = nn.with_logical_constraint(q_BTHD, _BTHD)
         k_BTKD = nn.with_logical_constraint(k_BTKD, _BTKD)
         v_BTKD = nn.with_logical_constraint(v_BTKD, _BTKD)
         if kv_cache is None:
             out_BTHD = attention_lib.attention(cfg.attention_impl, q_BTHD, k_BTKD, v_BTKD,
-                                               segment_ids_BT)
+                                               segment_ids_BT, window)
             chunk = None
         else:
             chunk = KVCache(k=k_BTKD, v=v_BTKD)
@@ -191,7 +236,7 @@ class Attention(nn.Module):
             v_BSKD = nn.with_logical_constraint(merged.v, LAYER_CACHE_AXES)
             k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
             out_BTHD = attention_lib.cached_attention(cfg.attention_impl, q_BTHD, k_BSKD, v_BSKD,
-                                                      kv_mask_BS, cache_index)
+                                                      kv_mask_BS, cache_index, window)
         out_BTHD = nn.with_logical_constraint(out_BTHD, _BTHD)
         out_BTE = Projection((cfg.embed_dim,), ("heads", "head_dim"), ("embed",), False,
                              name="out", **_dtypes(cfg))(out_BTHD)
@@ -255,9 +300,10 @@ class Transformer(nn.Module):
     layers under the same names, the LM head included.
 
     Params (scan_layers=True): embed/embedding [V, E]; layers/{attn_norm, attn/{query, key,
-    value, out}, mlp_norm, mlp/{gate, up, down}} with a leading [L] axis on every leaf;
-    final_norm/scale [E]; lm_head/kernel [E, V] when embeddings are untied. With
-    scan_layers=False the blocks are layers_0 .. layers_{L-1} without the leading axis.
+    value, out, [query_norm, key_norm]}, mlp_norm, mlp/{gate, up, down}} with a leading [L]
+    axis on every leaf; final_norm/scale [E]; lm_head/kernel [E, V] when embeddings are
+    untied. With scan_layers=False the blocks are layers_0 .. layers_{L-1} without the
+    leading axis.
     """
 
     cfg: ModelConfig
