@@ -1,4 +1,5 @@
-"""ChatYuan rendering, truncation and token encoding of `formats` records.
+"""Chat rendering (ChatYuan here, Hugging Face Jinja templates in `chat_template`), truncation
+and token encoding of `formats` records.
 
 Legend: K responses per comparison, T max_length.
 
@@ -10,10 +11,23 @@ joined by "\\n"; a prompt ends with the cue `小元：` (no trailing space), e.g
 `用户：你好\\n小元：你好！\\n用户：1 加 2 等于多少？\\n小元：`. A system turn renders as its
 content alone (or `{system}：{content}` when the template names a system role).
 
+Templates: the encoders take any object with `spans(turns, cue) -> [(text, is_answer)]`,
+`answer_text(context, content) -> str` and `cue`: `ChatTemplate` here, or
+`chat_template.JinjaChatTemplate` (a model's own template; its answer spans end with the
+end-of-turn marker, e.g. <|im_end|>).
+
 Tokens: a rendered text is encoded as the concatenation of the encodings of its maximal
-non-answer spans and of each answer (the tokenizer adds no dummy-prefix space, so this decodes
-to the whole text). Answer tokens are then exactly the loss tokens, and a prompt encodes the
-same way in SFT, reward-model and PPO sequences.
+non-answer spans and of each answer (spans after the first with the tokenizer's
+`encode_continuation` where it has one, so a dummy-prefix tokenizer adds no space at span
+boundaries; ours adds none anyway, so this decodes to the whole text). Answer tokens are then
+exactly the loss tokens, and a prompt encodes the same way in SFT, reward-model and PPO
+sequences.
+
+BOS and EOS: a sequence starts with the tokenizer's BOS when it has one and adds it
+(`add_bos`; not Qwen, which has none); a template that renders the BOS token itself (LLaMA 3,
+Mistral) provides it, and no second one is added. An answer span that already ends with an
+EOS id (the template's end-of-turn marker: <|im_end|>, <|eot_id|>, </s>) closes the sequence
+with it; otherwise the tokenizer's EOS is appended (ChatYuan).
 
 Truncation (`truncate_context`): keep the last `max_turns` exchanges (an exchange is a user
 turn with the assistant answer after it; the final, unanswered user turn counts as one), then
@@ -36,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -72,54 +87,106 @@ class ChatTemplate:
         """The assistant cue that ends a prompt, e.g. "小元："."""
         return self.assistant + self.colon
 
+    def spans(self, turns: Sequence[Turn], cue: bool) -> list[tuple[str, bool]]:
+        """The rendered text (ending with the cue when `cue`) as (text, is_answer) spans:
+        answer spans are assistant contents; maximal non-answer spans are merged."""
+        spans: list[tuple[str, bool]] = []
 
-def _spans(turns: Sequence[Turn], template: ChatTemplate, cue: bool) -> list[tuple[str, bool]]:
-    """The rendered text as (text, is_answer) spans; maximal non-answer spans merged."""
-    spans: list[tuple[str, bool]] = []
+        def add(text: str, is_answer: bool) -> None:
+            if spans and not is_answer and not spans[-1][1]:
+                spans[-1] = (spans[-1][0] + text, False)
+            else:
+                spans.append((text, is_answer))
 
-    def add(text: str, is_answer: bool) -> None:
-        if spans and not is_answer and not spans[-1][1]:
-            spans[-1] = (spans[-1][0] + text, False)
-        else:
-            spans.append((text, is_answer))
+        for i, turn in enumerate(turns):
+            lead = self.sep if i else ""
+            if turn.role == "assistant":
+                add(lead + self.cue, False)
+                add(turn.content, True)
+            elif turn.role == "user":
+                add(lead + self.user + self.colon + turn.content, False)
+            else:
+                name = self.system + self.colon if self.system else ""
+                add(lead + name + turn.content, False)
+        if cue:
+            add((self.sep if turns else "") + self.cue, False)
+        return spans
 
-    for i, turn in enumerate(turns):
-        lead = template.sep if i else ""
-        if turn.role == "assistant":
-            add(lead + template.cue, False)
-            add(turn.content, True)
-        elif turn.role == "user":
-            add(lead + template.user + template.colon + turn.content, False)
-        else:
-            name = template.system + template.colon if template.system else ""
-            add(lead + name + turn.content, False)
-    if cue:
-        add((template.sep if turns else "") + template.cue, False)
-    return spans
+    def answer_text(self, context: Sequence[Turn], content: str) -> str:
+        """The answer span of a reply after `context`: the content itself (str)."""
+        del context  # the ChatYuan answer does not depend on the dialogue before it
+        return content
 
 
-def render_dialogue(turns: Sequence[Turn], template: ChatTemplate = ChatTemplate()) -> str:
+class Template(Protocol):
+    """What the encoders need of a template: `ChatTemplate`, `chat_template.JinjaChatTemplate`."""
+    cue: str
+
+    def spans(self, turns: Sequence[Turn], cue: bool) -> list[tuple[str, bool]]: ...
+
+    def answer_text(self, context: Sequence[Turn], content: str) -> str: ...
+
+
+def _spans(turns: Sequence[Turn], template: Template, cue: bool) -> list[tuple[str, bool]]:
+    """`template.spans(turns, cue)`: the rendered text as (text, is_answer) spans."""
+    return template.spans(turns, cue)
+
+
+def render_dialogue(turns: Sequence[Turn], template: Template = ChatTemplate()) -> str:
     """`用户：q1\\n小元：a1\\n用户：q2\\n小元：a2` (str) for the given turns."""
     return "".join(text for text, _ in _spans(turns, template, cue=False))
 
 
-def render_prompt(context: Sequence[Turn], template: ChatTemplate = ChatTemplate()) -> str:
+def render_prompt(context: Sequence[Turn], template: Template = ChatTemplate()) -> str:
     """The context rendered and followed by the cue: `...\\n用户：q\\n小元：` (str)."""
     return "".join(text for text, _ in _spans(context, template, cue=True))
 
 
 # ------------------------------------------------------------------------------ encoding
 
-def _encode(turns: Sequence[Turn], tokenizer, template: ChatTemplate, cue: bool
-            ) -> tuple[list[int], list[bool]]:
-    """Token ids (no BOS/EOS) of the rendered turns and whether each is an answer token."""
+def _continue(tokenizer) -> Callable[[str], list[int]]:
+    """The tokenizer's encoding of text that follows other text (no dummy-prefix space)."""
+    return getattr(tokenizer, "encode_continuation", tokenizer.encode)
+
+
+def _encode_turns(turns: Sequence[Turn], tokenizer, template: Template, cue: bool
+                  ) -> tuple[list[int], list[bool], list[int]]:
+    """(ids, is_answer flags, start) of the rendered turns: ids without BOS/EOS, `start` the
+    BOS ids the sequence opens with ([bos] or []).
+
+    A template that renders the BOS token itself (LLaMA 3, Mistral) yields it as the first
+    id: it is moved to `start`, so no second BOS is added and token budgets count it as BOS.
+    Otherwise `start` is [bos] when the tokenizer has a BOS and adds it (not Qwen).
+    """
     ids: list[int] = []
     is_answer: list[bool] = []
-    for text, answer in _spans(turns, template, cue):
-        piece = tokenizer.encode(text)
+    for k, (text, answer) in enumerate(template.spans(turns, cue)):
+        piece = (_continue(tokenizer) if k else tokenizer.encode)(text)
         ids += piece
         is_answer += [answer] * len(piece)
-    return ids, is_answer
+    bos = tokenizer.bos_id
+    if bos is not None and ids[:1] == [bos]:
+        return ids[1:], is_answer[1:], [bos]
+    return ids, is_answer, [bos] if bos is not None and getattr(tokenizer, "add_bos", True) else []
+
+
+def _encode(turns: Sequence[Turn], tokenizer, template: Template, cue: bool
+            ) -> tuple[list[int], list[bool]]:
+    """Token ids (no BOS/EOS) of the rendered turns and whether each is an answer token."""
+    return _encode_turns(turns, tokenizer, template, cue)[:2]
+
+
+def _encode_answer(context: Sequence[Turn], content: str, tokenizer, template: Template
+                   ) -> tuple[list[int], int]:
+    """(ids of a reply's answer span without its closing EOS, the closing EOS id).
+
+    A template whose answer span ends with an end-of-turn marker that is an EOS id
+    (<|im_end|>, <|eot_id|>, </s>) closes with that id; otherwise with the tokenizer's EOS.
+    """
+    ids = _continue(tokenizer)(template.answer_text(context, content))
+    if ids and ids[-1] in getattr(tokenizer, "eos_ids", (tokenizer.eos_id,)):
+        return ids[:-1], ids[-1]
+    return ids, tokenizer.eos_id
 
 
 def _min_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
@@ -133,7 +200,7 @@ def _min_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
     return lo
 
 
-def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate, *,
+def truncate_context(context: Sequence[Turn], tokenizer, template: Template, *,
                      max_tokens: int | None, max_turns: int | None = None) -> tuple[Turn, ...]:
     """The context cut so that `render_prompt` of it encodes to at most max_tokens ids.
 
@@ -144,7 +211,7 @@ def truncate_context(context: Sequence[Turn], tokenizer, template: ChatTemplate,
     Args:
         context: turns ending with a user turn (e.g. `Prompt.context`).
         tokenizer: has `encode(str) -> list[int]`.
-        template: the `ChatTemplate`.
+        template: the `ChatTemplate` or `chat_template.JinjaChatTemplate`.
         max_tokens: the budget in ids; None = no token limit.
         max_turns: exchanges to keep at most (>= 1), None = all.
 
@@ -241,16 +308,16 @@ def _report(on_truncate: OnTruncate, cuts: Sequence[str]) -> None:
         on_truncate("; ".join(cuts))
 
 
-def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: ChatTemplate,
+def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: Template,
                 max_length: int, max_turns: int | None, cuts: list[str]
-                ) -> tuple[list[int], list[bool], int]:
-    """(prompt ids, is_answer flags, room for answer + EOS) under the answer/prompt split;
-    appends "prompt cut from A to B tokens" to `cuts` when the prompt was cut."""
-    room = max_length - 1  # after BOS
-    if room < 2:
-        raise ValueError(f"max_length must be at least 3, got {max_length}")
+                ) -> tuple[list[int], list[bool], int, list[int]]:
+    """(prompt ids, is_answer flags, room for answer + EOS, BOS ids) under the answer/prompt
+    split; appends "prompt cut from A to B tokens" to `cuts` when the prompt was cut."""
     turns = truncate_context(context, tokenizer, template, max_tokens=None, max_turns=max_turns)
-    ids, flags = _encode(turns, tokenizer, template, cue=True)
+    ids, flags, start = _encode_turns(turns, tokenizer, template, cue=True)
+    room = max_length - len(start)  # after BOS
+    if room < 2:
+        raise ValueError(f"max_length must be at least {2 + len(start)}, got {max_length}")
     if len(ids) + answer_len + 1 > room:
         budget = max(room - answer_len - 1, min(len(ids), (room - 1) // 2))
         full = len(ids)
@@ -258,18 +325,23 @@ def _fit_prompt(context: Sequence[Turn], answer_len: int, tokenizer, template: C
         ids, flags = _encode(turns, tokenizer, template, cue=True)
         if len(ids) < full:
             cuts.append(f"prompt cut from {full} to {len(ids)} tokens")
-    return ids, flags, room - len(ids)
+    return ids, flags, room - len(ids), start
 
 
-def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTemplate(), *,
+def encode_sft(dialogue: Dialogue, tokenizer, template: Template = ChatTemplate(), *,
                max_length: int, max_turns: int | None = None, train_on: str = "all",
                on_truncate: OnTruncate = None) -> tuple[list[int], list[float]]:
     """Tokens and loss weights of one SFT dialogue: [bos] + rendered dialogue + [eos].
 
+    BOS and EOS follow the template and tokenizer (module docstring): no BOS for a tokenizer
+    without one (Qwen), the template's own BOS when it renders one; the final answer closes
+    with the template's end-of-turn marker when that is an EOS id (<|im_end|>), else EOS.
+
     Args:
         dialogue: the `Dialogue`; its last turn is the answer trained on.
-        tokenizer: has encode, bos_id, eos_id.
-        template: the `ChatTemplate`.
+        tokenizer: has encode, bos_id, eos_id (and optionally encode_continuation, eos_ids,
+            add_bos: `tokenizer.load_tokenizer`'s tokenizers).
+        template: the `ChatTemplate` or `chat_template.JinjaChatTemplate`.
         max_length: at most this many tokens (truncation rules: module docstring). When
             the final answer has to be cut, the sequence ends without EOS (the model must not
             learn to stop there).
@@ -284,35 +356,37 @@ def encode_sft(dialogue: Dialogue, tokenizer, template: ChatTemplate = ChatTempl
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    answer = tokenizer.encode(dialogue.turns[-1].content)
+    answer, eos = _encode_answer(dialogue.turns[:-1], dialogue.turns[-1].content, tokenizer,
+                                 template)
     cuts: list[str] = []
-    ids, flags, room = _fit_prompt(dialogue.turns[:-1], len(answer), tokenizer, template,
-                                   max_length, max_turns, cuts)
+    ids, flags, room, start = _fit_prompt(dialogue.turns[:-1], len(answer), tokenizer,
+                                          template, max_length, max_turns, cuts)
     history = 1.0 if train_on == "all" else 0.0
-    tokens = [tokenizer.bos_id] + ids
-    weights = [0.0] + [history if f else 0.0 for f in flags]
+    tokens = start + ids
+    weights = [0.0] * len(start) + [history if f else 0.0 for f in flags]
     if len(answer) + 1 > room:
         cuts.append(f"answer cut from {len(answer)} to {room} tokens (no EOS)")
     _report(on_truncate, cuts)
     if len(answer) + 1 <= room:
-        return tokens + answer + [tokenizer.eos_id], weights + [1.0] * (len(answer) + 1)
+        return tokens + answer + [eos], weights + [1.0] * (len(answer) + 1)
     return tokens + answer[:room], weights + [1.0] * room
 
 
 def encode_comparison(comparison: Comparison, tokenizer,
-                      template: ChatTemplate = ChatTemplate(), *, max_length: int,
+                      template: Template = ChatTemplate(), *, max_length: int,
                       max_turns: int | None = None, on_truncate: OnTruncate = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The K reward-model sequences of a comparison: [bos] + prompt + answer + [eos] each.
 
     All K share one prompt, truncated for the longest answer (module docstring); an answer
     that still does not fit is cut on the right and EOS stays last, so the reward, read at
-    index length-1, is always read at an EOS.
+    index length-1, is always read at an EOS (the template's end-of-turn id where it is one,
+    as in `encode_sft`).
 
     Args:
         comparison: the `Comparison` (K responses).
-        tokenizer: has encode, bos_id, eos_id, pad_id.
-        template: the `ChatTemplate`.
+        tokenizer: has encode, bos_id, eos_id, pad_id (see `encode_sft`).
+        template: the `ChatTemplate` or `chat_template.JinjaChatTemplate`.
         max_length: T, the row length (at least 3).
         max_turns: exchanges of the context kept at most, None = all.
         on_truncate: called once with what was cut when the prompt or a response was cut.
@@ -321,35 +395,36 @@ def encode_comparison(comparison: Comparison, tokenizer,
         `(tokens, lengths, order)`: int32 [K, max_length] right-padded with the pad id,
         int32 [K] real lengths, int32 [K] `comparison.order` (indices, best first).
     """
-    answers = [tokenizer.encode(r) for r in comparison.responses]
+    answers = [_encode_answer(comparison.context, r, tokenizer, template)
+               for r in comparison.responses]
     cuts: list[str] = []
-    ids, _, room = _fit_prompt(comparison.context, max(map(len, answers)), tokenizer,
-                               template, max_length, max_turns, cuts)
+    ids, _, room, start = _fit_prompt(comparison.context, max(len(a) for a, _ in answers),
+                                      tokenizer, template, max_length, max_turns, cuts)
     tokens = np.full((len(answers), max_length), tokenizer.pad_id, np.int32)
     lengths = np.zeros(len(answers), np.int32)
-    for k, answer in enumerate(answers):
+    for k, (answer, eos) in enumerate(answers):
         if len(answer) > room - 1:
             cuts.append(f"response {k} cut from {len(answer)} to {room - 1} tokens")
-        seq = [tokenizer.bos_id] + ids + answer[:room - 1] + [tokenizer.eos_id]
+        seq = start + ids + answer[:room - 1] + [eos]
         tokens[k, :len(seq)] = seq
         lengths[k] = len(seq)
     _report(on_truncate, cuts)
     return tokens, lengths, np.asarray(comparison.order, np.int32)
 
 
-def encode_prompt(prompt: Prompt, tokenizer, template: ChatTemplate = ChatTemplate(), *,
+def encode_prompt(prompt: Prompt, tokenizer, template: Template = ChatTemplate(), *,
                   max_length: int, max_turns: int | None = None,
                   on_truncate: OnTruncate = None) -> list[int]:
     """[bos] + render_prompt(context), truncated to at most max_length ids (list of int).
 
     Where no truncation differs, the ids equal the prompt part of `encode_sft` and
     `encode_comparison` sequences of the same context (one span encoding), so a policy sees
-    at rollout the ids it was trained on.
+    at rollout the ids it was trained on. BOS as in `encode_sft`.
 
     Args:
         prompt: the `Prompt`.
-        tokenizer: has encode and bos_id.
-        template: the `ChatTemplate`.
+        tokenizer: has encode and bos_id (see `encode_sft`).
+        template: the `ChatTemplate` or `chat_template.JinjaChatTemplate`.
         max_length: at most this many ids, BOS included (truncation: module docstring).
         max_turns: exchanges kept at most, None = all.
         on_truncate: called once with what was cut when the prompt had to be cut.
@@ -358,13 +433,13 @@ def encode_prompt(prompt: Prompt, tokenizer, template: ChatTemplate = ChatTempla
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     turns = truncate_context(prompt.context, tokenizer, template, max_tokens=None,
                              max_turns=max_turns)
-    ids = _encode(turns, tokenizer, template, cue=True)[0]
-    if len(ids) > max_length - 1:
+    ids, _, start = _encode_turns(turns, tokenizer, template, cue=True)
+    if len(ids) > max_length - len(start):
         full = len(ids)
-        turns = truncate_context(turns, tokenizer, template, max_tokens=max_length - 1)
+        turns = truncate_context(turns, tokenizer, template, max_tokens=max_length - len(start))
         ids = _encode(turns, tokenizer, template, cue=True)[0]
         _report(on_truncate, [f"prompt cut from {full} to {len(ids)} tokens"])
-    return [tokenizer.bos_id] + ids
+    return start + ids
 
 
 def collate_comparisons(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,

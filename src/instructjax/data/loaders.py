@@ -32,13 +32,15 @@ _STATE_FORMAT = 1
 # ------------------------------------------------------------------------------ packed LM
 
 def _tokenize(record: Mapping[str, Any], *, tokenizer, text_field: str) -> dict[str, np.ndarray]:
-    """{"tokens": int32 [n], "loss_weights": float32 [n]} for [bos] + text + [eos]."""
+    """{"tokens": int32 [n], "loss_weights": float32 [n]} for [bos] + text + [eos]; no BOS
+    for tokenizers whose models read none (Qwen: `add_bos` False)."""
     if text_field not in record:
         raise ValueError(f"record has no field {text_field!r} (fields: {sorted(record)})")
     text = record[text_field]
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    ids = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
+    ids = bos + tokenizer.encode(text) + [tokenizer.eos_id]
     return {"tokens": np.asarray(ids, np.int32), "loss_weights": np.ones(len(ids), np.float32)}
 
 
