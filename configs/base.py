@@ -20,7 +20,9 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 0
-    c.init_from = ""        # checkpoint workdir of an earlier stage
+    c.init_from = ""        # checkpoint workdir of an earlier stage (or a Hugging Face dir)
+    c.init_from_hf = ""     # a Hugging Face model dir (config.json + safetensors) to start from
+    c.export_hf = ""        # when the stage finishes, write its result here as a HF model dir
     c.dry_run = False
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -50,7 +52,9 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
     ))
 
     # ChatYuan's unified Input->Output format: "用户：{q}\n小元：{a}".
-    c.chat = ml_collections.ConfigDict(dict(user="用户", assistant="小元", max_turns=8))
+    # format "model": the tokenizer's own chat template (tokenizer_config.json) instead.
+    c.chat = ml_collections.ConfigDict(dict(user="用户", assistant="小元", max_turns=8,
+                                            format="chatyuan"))
     c.sft = ml_collections.ConfigDict(dict(train_on="all"))   # all | last assistant turn(s)
     c.reward = ml_collections.ConfigDict(dict(
         num_responses=0,       # K to pad comparisons to; 0 = the largest K in the data
@@ -108,10 +112,13 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
 COMMON_KEYS = ("stage", "seed", "dry_run", "mesh", "distributed", "hardware")
 STAGE_SECTIONS = {
     "tokenizer": ("tokenizer", "data"),
-    "pretrain": ("model", "tokenizer", "data", "train"),
-    "sft": ("init_from", "model", "data", "chat", "sft", "eval", "train"),
-    "reward": ("init_from", "model", "data", "chat", "reward", "eval", "train"),
-    "ppo": ("init_from", "model", "data", "chat", "ppo", "eval", "train"),
+    "pretrain": ("init_from_hf", "export_hf", "model", "tokenizer", "data", "train"),
+    "sft": ("init_from", "init_from_hf", "export_hf", "model", "data", "chat", "sft", "eval",
+            "train"),
+    "reward": ("init_from", "init_from_hf", "export_hf", "model", "data", "chat", "reward",
+               "eval", "train"),
+    "ppo": ("init_from", "init_from_hf", "export_hf", "model", "data", "chat", "ppo", "eval",
+            "train"),
 }
 # Keys of those sections a stage still does not read. PPO logs every iteration, has no
 # held-out loss batches, and its batch is ppo.prompts_per_iteration x ppo.num_samples rows

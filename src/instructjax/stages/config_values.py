@@ -67,6 +67,7 @@ def _rules() -> list[Rule]:
         "ppo.ptx_coef": _at_least(0), "ppo.ptx_batch_size": _at_least(1),
         "ppo.critic_learning_rate": _positive(),
         "ppo.frozen_dtype": _one_of("float32", "bfloat16", "float16"),
+        "chat.format": _one_of("chatyuan", "model"),
         "eval.num_prompts": _at_least(1), "eval.batch_size": _at_least(1),
         "eval.max_prompt_len": _at_least(3), "eval.max_new_tokens": _at_least(1),
         "eval.temperature": _positive(), "eval.top_k": _at_least(0),

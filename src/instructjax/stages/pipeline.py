@@ -6,7 +6,8 @@ stages' directories. Finished stages are skipped, unfinished ones resume. At the
 WORKDIR/summary.json holds the true score after pretrain, SFT and PPO (on held-out prompts of
 the training problems and on held-out problems), the reward model's accuracy, the final KL and
 each stage's wall time; a table is printed and the PPO curves are plotted to
-WORKDIR/ppo_curves.png.
+WORKDIR/ppo_curves.png. The PPO policy and the reward model are exported as Hugging Face
+directories to WORKDIR/export/ppo_policy and WORKDIR/export/reward_model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from instructjax.stages.registry import PIPELINE_ORDER, get_stage
 from instructjax.train.metrics import read_metrics
 
 SHARED_KEYS = ("seed", "mesh", "distributed")
+# Stage -> its Hugging Face export under WORKDIR/export/ (unless the stage's export_hf is set).
+EXPORTED = {"reward": "reward_model", "ppo": "ppo_policy"}
 STAGE_TIME = "stage_time.json"
 # summary.json's true scores: held-out prompts of the training problems (greedy, sampled),
 # then held-out problems (stages/workdirs.DEMO_EVAL_SETS prefixes)
@@ -36,13 +39,16 @@ def stage_config(config: Any, name: str, workdir: str) -> Any:
         sub.stage = name
         for key in SHARED_KEYS:
             sub[key] = config[key]
-        if name in ("pretrain",):
+        if name == "pretrain" and not sub.init_from_hf:  # an imported model brings its own
             sub.tokenizer.path = os.path.join(workdir, "tokenizer", workdirs.TOKENIZER_FILE)
         previous = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}.get(name)
         if previous:
             sub.init_from = os.path.join(workdir, previous)
         if name == "ppo":
             sub.ppo.reward_from = os.path.join(workdir, "reward")
+        # The pipeline's results leave it in the format every serving stack reads.
+        if name in EXPORTED and not sub.export_hf:
+            sub.export_hf = os.path.join(workdir, "export", EXPORTED[name])
     return sub
 
 

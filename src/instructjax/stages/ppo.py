@@ -42,8 +42,8 @@ from instructjax.model.transformer import Transformer, init_boxed_params
 from instructjax.rlhf import actor_critic as ac
 from instructjax.rlhf import experience as exp_lib
 from instructjax.rlhf import kl as kl_lib
-from instructjax.rlhf import rollout
-from instructjax.stages import common, settings, workdirs
+from instructjax.rlhf import reward_stats, rollout
+from instructjax.stages import common, open_models, settings, workdirs
 from instructjax.train import checkpoint as ckpt_lib
 from instructjax.train import host_state, lifecycle
 from instructjax.train import metrics as metrics_lib
@@ -117,8 +117,12 @@ def make_tx(ppo: settings.PPOSettings, opt: optim.OptimConfig) -> optax.Gradient
 
 
 def load_reward_model(reward_dir: str, model: dict, mesh):
-    """(RewardModel, params placed on mesh, score stats) of a finished reward stage; runtime
-    model fields from `model` (`config.model`)."""
+    """(RewardModel, params placed on mesh, score stats) of a finished reward stage, or of a
+    Hugging Face `...ForSequenceClassification` directory (stats None: `setup` computes
+    them); runtime model fields from `model` (`config.model`)."""
+    if open_models.is_hf_model_dir(reward_dir):
+        rm_cfg, params = open_models.load_hf_reward(reward_dir, model, mesh)
+        return RewardModel(rm_cfg), params, None
     info = workdirs.read_run_info(reward_dir)
     if info.get("stage") != "reward":
         raise common.StageError(f"ppo.reward_from={reward_dir!r} is a {info.get('stage')!r} "
@@ -126,6 +130,33 @@ def load_reward_model(reward_dir: str, model: dict, mesh):
     rm = RewardModel(workdirs.model_config_from(info, model))
     params = workdirs.load_params(reward_dir, rm, mesh)
     return rm, params, workdirs.read_reward_stats(reward_dir)
+
+
+# Training prompts sampled for an imported reward model's score statistics.
+IMPORTED_RM_STAT_PROMPTS = 256
+
+
+def imported_reward_stats(s: settings.StageSettings, workdir: str, rm, rm_params, policy,
+                          policy_params, tokenizer) -> dict:
+    """Score mean / std of a reward model PPO did not get from our reward stage, over one
+    SFT-policy answer on each of the first IMPORTED_RM_STAT_PROMPTS training prompts (as the
+    reward stage computes them for ours); computed once, kept in WORKDIR/reward_stats.json."""
+    path = os.path.join(workdir, workdirs.REWARD_STATS)
+    if os.path.exists(path):
+        return workdirs.read_reward_stats(workdir)
+    train_paths, _ = workdirs.stage_data_paths(s.data, workdir, "prompts_train", "prompts_eval")
+    prompts = dialogue_sources.read_records(train_paths, "prompt")[0][:IMPORTED_RM_STAT_PROMPTS]
+    tokens, mask = true_score_lib.encode_prompts(
+        prompts, tokenizer, s.chat.template_for(tokenizer), max_prompt_len=s.ppo.hyper.prompt_len,
+        max_turns=s.chat.max_turns)
+    stats = reward_stats.score_statistics(
+        policy, policy_params, rm, rm_params, tokens, mask, sampling=s.ppo.sampling,
+        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+        batch_size=min(len(prompts), s.ppo.prompts_per_iteration), seed=s.seed)
+    workdirs.write_reward_stats(workdir, stats)
+    lifecycle.say("ppo", f"imported reward model's score over SFT samples: mean "
+                         f"{stats['mean']:.4f} std {stats['std']:.4f} (n={stats['num_samples']})")
+    return stats
 
 
 def cast_frozen(params, dtype: str):
@@ -218,12 +249,19 @@ def setup(s: settings.StageSettings, workdir: str) -> PPORun:
     if not ppo.reward_from:
         raise common.StageError("config.ppo.reward_from is empty: point it at a finished "
                                 "reward stage directory")
-    mesh = common.build_mesh(s.mesh, s.model, global_batch=None)  # check_sizes: the batches
+    # check_sizes checks the batches; the heads are the policy's (an imported model's differ
+    # from config.model's preset)
+    mesh = common.build_mesh(s.mesh, policy_cfg.to_dict(), global_batch=None)
     rollout_batch, minibatches = check_sizes(ppo, jax.process_count(),
                                              mesh_lib.batch_axis_size(mesh))
     rm, rm_params, rm_stats = load_reward_model(ppo.reward_from, s.model, mesh)
     model = ac.make_actor_critic(ppo.critic, policy_cfg, rm.cfg)
     sft_params = workdirs.load_transformer_params(s.init_from, policy_cfg, mesh)
+    if rm_stats is None:
+        open_models.check_same_tokenizer(tokenizer, ppo.reward_from)
+        # every process samples (the policy is sharded over all of them); process 0 writes
+        rm_stats = imported_reward_stats(s, workdir, rm, rm_params, Transformer(policy_cfg),
+                                         sft_params, tokenizer)
     # the frozen copies; a separate critic starts from the reward model as stored here
     ref_params = cast_frozen(sft_params, ppo.frozen_dtype)
     rm_params = cast_frozen(rm_params, ppo.frozen_dtype)
@@ -274,7 +312,7 @@ def rollout_and_score(r: PPORun, params, kl_coef, gen_rng, times: lifecycle.Phas
         out = jax.block_until_ready(rollout.generate(
             r.policy_model, r.phases.rollout_params(params), prompts["tokens"],
             prompts["mask"], gen_rng, **r.s.ppo.sampling.options(
-                greedy=False, eos_id=r.tokenizer.eos_id, pad_id=r.tokenizer.pad_id)))
+                greedy=False, eos_id=r.tokenizer.eos_ids, pad_id=r.tokenizer.pad_id)))
     with times("policy_forward"):
         old_logprobs, old_values, entropy = jax.block_until_ready(
             r.phases.policy_forward(params, out.tokens, out.mask))
@@ -370,7 +408,7 @@ def evaluate(r: PPORun, params, iteration: int, writer) -> dict:
         return {}
     result = true_score_lib.evaluate_sets(
         ac.policy_params(params), iteration, model=r.policy_model, tokenizer=r.tokenizer,
-        template=r.s.chat.template, prompt_sets=r.eval_sets, eval_cfg=r.s.eval, mesh=r.mesh)
+        template=r.s.chat.template_for(r.tokenizer), prompt_sets=r.eval_sets, eval_cfg=r.s.eval, mesh=r.mesh)
     writer.write(iteration, "eval", result)
     lifecycle.say("ppo", f"eval @ {iteration}: true_score {result['true_score']:.3f} "
                          f"(sampled {result['true_score_sampled']:.3f}, eos "
@@ -479,7 +517,8 @@ def _data(s: settings.StageSettings, workdir: str, tokenizer):
         eval_percent=s.data.eval_percent)
     prompt_len = ppo.hyper.prompt_len
     to_example = functools.partial(prompt_example, tokenizer=tokenizer,
-                                   template=s.chat.template, max_prompt_len=prompt_len,
+                                   template=s.chat.template_for(tokenizer),
+                                   max_prompt_len=prompt_len,
                                    max_turns=s.chat.max_turns,
                                    on_truncate=chat_encoding.TruncationLog(
                                        "ppo", f"ppo.max_prompt_len={prompt_len}",

@@ -14,16 +14,30 @@ from instructjax.train import loop
 from instructjax.train.losses import lm_loss_fn
 
 
+def _model_and_tokenizer(s, workdir: str, train_paths: list[str]):
+    """(ModelConfig, tokenizer): an imported model's (`init_from_hf`, which brings its own
+    tokenizer) or config.model's with the configured or trained tokenizer."""
+    if s.init_from_hf:
+        if s.tokenizer.path:
+            raise common.StageError(
+                f"config.tokenizer.path={s.tokenizer.path!r} and config.init_from_hf are both "
+                "set: an imported model brings its own tokenizer; clear tokenizer.path")
+        _, model_cfg, tokenizer = workdirs.init_from_stage(s.init_from_hf, s.model, workdir,
+                                                           ("hf",))
+        return model_cfg, tokenizer
+    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths,
+                                         s.data.text_field)
+    return workdirs.model_config(s.model, tokenizer), tokenizer
+
+
 def run(config: Any, workdir: str) -> loop.LoopResult:
     """Runs (or resumes, or skips if finished) pretraining in `workdir`."""
     s = workdirs.start_stage(config, workdir)
-    mesh = common.build_mesh(s.mesh, s.model, global_batch=s.train_batch_size,
-                             micro_batches=s.loop.grad_accum_steps)
     train_paths, eval_paths = workdirs.corpus_paths(s.data, workdir)
-    tokenizer = workdirs.ensure_tokenizer(s.tokenizer, s.seed, workdir, train_paths,
-                                         s.data.text_field)
-    model_cfg = workdirs.model_config(s.model, tokenizer)
+    model_cfg, tokenizer = _model_and_tokenizer(s, workdir, train_paths)
     model = Transformer(model_cfg)
+    mesh = common.build_mesh(s.mesh, model_cfg.to_dict(), global_batch=s.train_batch_size,
+                             micro_batches=s.loop.grad_accum_steps)
 
     sources = common.main_process_first(lambda: text_sources.build_text_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
@@ -51,6 +65,9 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     task = loop.SupervisedTask(
         name="pretrain", init_params_boxed=init_params_boxed, loss_fn=lm_loss_fn(model),
         make_train_batches=train_batches, make_eval_batches=eval_batches,
+        load_initial_params=(lambda: workdirs.load_transformer_params(s.init_from_hf, model_cfg,
+                                                                      mesh))
+        if s.init_from_hf else None,
         tokens_per_batch=s.train_batch_size * seq_len)
     workdirs.write_run_info(workdir, "pretrain", model_cfg)
     return loop.run_supervised(task, s.loop, s.optim, mesh, workdir)

@@ -19,11 +19,12 @@ RESUME_MAY_CHANGE = (
     "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.max_bad_steps",
     "model.remat_policy", "model.attention_impl", "eval.batch_size",
-    "dry_run", "mesh.", "distributed.", "hardware.")
+    "dry_run", "mesh.", "distributed.", "hardware.", "export_hf")
 # Keys holding file paths: recorded relative to the workdir when they are inside it or a
 # sibling of it (the pipeline's `../sft`, `../reward`, `../tokenizer/tokenizer.model`), so a
 # run directory given once relative and once absolute, or moved whole, still resumes.
-PATH_KEYS = ("init_from", "ppo.reward_from", "tokenizer.path", "data.path", "data.eval_path",
+PATH_KEYS = ("init_from", "init_from_hf", "export_hf", "ppo.reward_from", "tokenizer.path",
+             "data.path", "data.eval_path",
              "ppo.ptx_data_path")
 
 

@@ -21,7 +21,7 @@ from instructjax.data import chat_encoding, dialogue_sources, formats, loaders
 from instructjax.eval import true_score as true_score_lib
 from instructjax.model.heads import RewardModel, ScalarHead, reward_head_std
 from instructjax.model.transformer import Transformer, init_boxed_params
-from instructjax.rlhf import rollout, scoring
+from instructjax.rlhf import reward_stats, scoring
 from instructjax.stages import common, settings, workdirs
 from instructjax.train import lifecycle, loop
 
@@ -70,29 +70,18 @@ def _num_responses(configured: int, sources) -> int:
 
 
 def reward_statistics(s: settings.StageSettings, workdir: str, rm: RewardModel, rm_params,
-                      mesh, tokenizer) -> dict[str, float]:
-    """Mean/std of the RM score over the SFT policy's samples on training prompts."""
-    policy_cfg = workdirs.model_config_from(workdirs.read_run_info(s.init_from), s.model)
-    policy = Transformer(policy_cfg)
+                      mesh, tokenizer, policy_cfg) -> dict[str, float]:
+    """Mean/std of the RM score over the SFT policy's (`init_from`'s) samples on training
+    prompts."""
     policy_params = workdirs.load_transformer_params(s.init_from, policy_cfg, mesh)
-    prompts = _stat_prompts(s, workdir)
     r = s.reward
     tokens, mask = true_score_lib.encode_prompts(
-        prompts, tokenizer, s.chat.template, max_prompt_len=r.stats_prompt_len,
-        max_turns=s.chat.max_turns)
-    score = jax.jit(functools.partial(scoring.score_sequences, rm))
-    rewards, rng = [], jax.random.key(s.seed + 17)
-    batch = r.stats_batch_size
-    for start in range(0, len(tokens), batch):
-        rng, key = jax.random.split(rng)
-        out = rollout.generate(policy, policy_params, tokens[start:start + batch],
-                               mask[start:start + batch], key,
-                               **r.stats_sampling.options(greedy=False, eos_id=tokenizer.eos_id,
-                                                          pad_id=tokenizer.pad_id))
-        rewards.append(np.asarray(jax.device_get(score(rm_params, out.tokens, out.mask))))
-    rewards = np.concatenate(rewards)
-    return {"mean": float(rewards.mean()), "std": float(rewards.std()), "num_samples": len(rewards),
-            "temperature": r.stats_sampling.temperature}
+        _stat_prompts(s, workdir), tokenizer, s.chat.template_for(tokenizer),
+        max_prompt_len=r.stats_prompt_len, max_turns=s.chat.max_turns)
+    return reward_stats.score_statistics(
+        Transformer(policy_cfg), policy_params, rm, rm_params, tokens, mask,
+        sampling=r.stats_sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+        batch_size=r.stats_batch_size, seed=s.seed)
 
 
 def _stat_prompts(s: settings.StageSettings, workdir: str) -> list[formats.Prompt]:
@@ -120,7 +109,7 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     seq_len, batch_size = s.data.seq_len, s.train_batch_size
     k = _num_responses(s.reward.num_responses, sources)
     to_example = functools.partial(comparison_example, tokenizer=tokenizer,
-                                   template=s.chat.template, max_length=seq_len,
+                                   template=s.chat.template_for(tokenizer), max_length=seq_len,
                                    max_turns=s.chat.max_turns, num_responses=k,
                                    on_truncate=chat_encoding.TruncationLog(
                                        "reward", f"data.seq_len={seq_len}",
@@ -150,7 +139,8 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     result = loop.run_supervised(task, s.loop, s.optim, mesh, workdir)
 
     if result.finished and not os.path.exists(os.path.join(workdir, workdirs.REWARD_STATS)):
-        stats = reward_statistics(s, workdir, rm, result.state.params, mesh, tokenizer)
+        stats = reward_statistics(s, workdir, rm, result.state.params, mesh, tokenizer,
+                                  model_cfg)
         workdirs.write_reward_stats(workdir, stats)
         lifecycle.say("reward", f"score over SFT samples: mean {stats['mean']:.4f} "
                                 f"std {stats['std']:.4f} (n={stats['num_samples']})")

@@ -16,6 +16,7 @@ from instructjax.eval.true_score import EvalConfig
 from instructjax.rlhf.experience import PPOHyper
 from instructjax.rlhf.kl import KLControllerConfig
 from instructjax.rlhf.rollout import SamplingConfig
+from instructjax.stages.common import StageError
 from instructjax.train.lifecycle import LoopConfig
 from instructjax.train.optim import OptimConfig
 
@@ -42,11 +43,31 @@ class TokenizerSettings:
     max_training_lines: int
 
 
+CHAT_FORMATS = ("chatyuan", "model")
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatSettings:
-    """`config.chat`: the dialogue template and how many earlier exchanges a prompt keeps."""
+    """`config.chat`: the dialogue template and how many earlier exchanges a prompt keeps.
+
+    format "chatyuan" renders with `template` (ChatYuan's `用户：…\n小元：…` with the
+    configured role names); "model" with the tokenizer's own chat template (an imported
+    model's tokenizer_config.json), which `template_for` picks once the tokenizer is known.
+    """
     template: ChatTemplate
     max_turns: int
+    format: str = "chatyuan"
+
+    def __post_init__(self):
+        if self.format not in CHAT_FORMATS:
+            raise ValueError(f"config.chat.format={self.format!r}; choose one of {CHAT_FORMATS}")
+
+    def template_for(self, tokenizer):
+        """The template a stage renders with, given the stage's tokenizer."""
+        if self.format == "chatyuan":
+            return self.template
+        from instructjax.data import chat_template
+        return chat_template.model_chat_template(tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +161,11 @@ class StageSettings:
     loop: LoopConfig | None = None
     optim: OptimConfig | None = None  # PPO: the policy's, over iterations x epochs x minibatches
     train_batch_size: int | None = None
+    # A Hugging Face checkpoint directory pretraining starts from (the other stages read it
+    # as `init_from`, which may name one); where the finished stage writes its result as
+    # a Hugging Face directory ("" = nowhere).
+    init_from_hf: str = ""
+    export_hf: str = ""
 
 
 def _section(config: Any, name: str) -> Any:
@@ -247,7 +273,7 @@ def _chat_from(config: Any) -> ChatSettings | None:
     if c is None:
         return None
     return ChatSettings(ChatTemplate(user=str(c.user), assistant=str(c.assistant)),
-                        max_turns=int(c.max_turns))
+                        max_turns=int(c.max_turns), format=str(c.format))
 
 
 def _train_from(config: Any, seed: int) -> dict:
@@ -263,6 +289,17 @@ def _train_from(config: Any, seed: int) -> dict:
             "train_batch_size": int(train.batch_size)}
 
 
+def _init_from(config: Any) -> str:
+    """The directory a stage starts from: `init_from` (an earlier stage's workdir or a
+    Hugging Face directory) or `init_from_hf`, never both."""
+    earlier = str(config.init_from) if "init_from" in config else ""
+    hf = str(config.init_from_hf) if "init_from_hf" in config else ""
+    if earlier and hf:
+        raise StageError(f"config.init_from={earlier!r} and config.init_from_hf={hf!r} are both "
+                         "set: a stage starts from one model; clear one of them")
+    return earlier or hf
+
+
 def from_config(config: Any) -> StageSettings:
     """The stage's settings from its ml_collections config (already key- and range-checked
     by experiments/run.py); sections its schema lacks are None."""
@@ -273,8 +310,9 @@ def from_config(config: Any) -> StageSettings:
                                 peak_tflops=float(hw.peak_tflops), hbm_gbps=float(hw.hbm_gbps))
     model = config.model.to_dict() if "model" in config else {}
     return StageSettings(
-        stage=str(config.stage), seed=seed,
-        init_from=str(config.init_from) if "init_from" in config else "",
+        stage=str(config.stage), seed=seed, init_from=_init_from(config),
+        init_from_hf=str(config.init_from_hf) if "init_from_hf" in config else "",
+        export_hf=str(config.export_hf) if "export_hf" in config else "",
         mesh=dict(config.mesh), model=model, hardware=hardware,
         data=_data_from(config), tokenizer=_tokenizer_from(config), chat=_chat_from(config),
         sft_train_on=str(config.sft.train_on) if "sft" in config else "all",

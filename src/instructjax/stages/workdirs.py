@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from instructjax.data import tokenizer as tok_lib
 from instructjax.model.config import ModelConfig
 from instructjax.parallel import mesh as mesh_lib
-from instructjax.stages import resume_check, settings
+from instructjax.stages import open_models, resume_check, settings
 from instructjax.stages.common import StageError, build_mesh, is_main_process, main_process_first
 from instructjax.stages.settings import DataSettings, StageSettings, TokenizerSettings
 
@@ -29,11 +29,16 @@ def model_config(model: dict, tokenizer: tok_lib.Tokenizer) -> ModelConfig:
         cfg = ModelConfig.from_dict(model)
     except ValueError as err:
         raise StageError(f"config.model: {err}") from err
+    check_vocab(cfg, tokenizer)
+    return cfg
+
+
+def check_vocab(cfg: ModelConfig, tokenizer) -> None:
+    """Refuses a model whose embedding has fewer rows than the tokenizer has ids."""
     if cfg.vocab_size < tokenizer.vocab_size:
         raise StageError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size} pieces, {tokenizer.model_path})")
-    return cfg
+            f"({tokenizer.vocab_size} ids, {getattr(tokenizer, 'model_path', tokenizer)})")
 
 
 def ensure_tokenizer(tok: TokenizerSettings, seed: int, workdir: str, corpus_paths: list[str],
@@ -47,9 +52,12 @@ def ensure_tokenizer(tok: TokenizerSettings, seed: int, workdir: str, corpus_pat
     local = os.path.join(workdir, TOKENIZER_FILE)
     if tok.path:
         tokenizer = tok_lib.load_tokenizer(tok.path)
-        if is_main_process() and os.path.abspath(tok.path) != os.path.abspath(local):
+        # a Hugging Face tokenizer (tokenizer.json directory) is kept as a directory
+        name = open_models.TOKENIZER_DIR if os.path.isdir(tok.path) else TOKENIZER_FILE
+        if is_main_process() and os.path.abspath(tok.path) != os.path.abspath(
+                os.path.join(workdir, name)):
             os.makedirs(workdir, exist_ok=True)
-            shutil.copyfile(tok.path, local)
+            copy_tokenizer(tok.path, os.path.join(workdir, name), replace=True)
         return tokenizer
     if os.path.exists(local):
         return tok_lib.load_tokenizer(local)
@@ -73,17 +81,26 @@ def from_earlier_stage(s: StageSettings, workdir: str, expected: tuple[str, ...]
     """(ModelConfig, Tokenizer, mesh) of a supervised stage that starts from `s.init_from`
     (one of the `expected` stages); the mesh is checked against the stage's global batch."""
     _, model_cfg, tokenizer = init_from_stage(s.init_from, s.model, workdir, expected)
-    mesh = build_mesh(s.mesh, s.model, global_batch=s.train_batch_size,
+    # The head counts the mesh must divide are the source model's (an imported model's
+    # differ from config.model's preset).
+    mesh = build_mesh(s.mesh, model_cfg.to_dict(), global_batch=s.train_batch_size,
                       micro_batches=s.loop.grad_accum_steps)
     return model_cfg, tokenizer, mesh
+
+
+def tokenizer_name(workdir: str) -> str:
+    """The workdir's tokenizer, relative to it: a Hugging Face tokenizer's directory copied
+    from an imported model, else our sentencepiece file."""
+    hf_dir = os.path.join(workdir, open_models.TOKENIZER_DIR)
+    return open_models.TOKENIZER_DIR if os.path.isdir(hf_dir) else TOKENIZER_FILE
 
 
 def write_run_info(workdir: str, stage: str, model_cfg: ModelConfig, extra: dict | None = None):
     """Records what an earlier stage's checkpoint needs to be loaded by a later stage."""
     if not is_main_process():
         return
-    info = {"stage": stage, "model": dataclasses.asdict(model_cfg), "tokenizer": TOKENIZER_FILE,
-            **(extra or {})}
+    info = {"stage": stage, "model": dataclasses.asdict(model_cfg),
+            "tokenizer": tokenizer_name(workdir), **(extra or {})}
     with open(os.path.join(workdir, RUN_INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, ensure_ascii=False)
 
@@ -133,8 +150,11 @@ def load_params(stage_dir: str, module, mesh: Mesh) -> Any:
 
 
 def load_transformer_params(stage_dir: str, model_cfg: ModelConfig, mesh: Mesh) -> Any:
-    """Transformer params exported by a finished earlier stage, placed on `mesh`."""
+    """Transformer params exported by a finished earlier stage (or of a Hugging Face
+    checkpoint directory), placed on `mesh`."""
     from instructjax.model.transformer import Transformer
+    if open_models.is_hf_model_dir(stage_dir):
+        return open_models.load_hf_transformer(stage_dir, model_cfg, mesh)
     params = load_params(stage_dir, Transformer(model_cfg), mesh)
     if "trunk" in params and "embed" not in params:
         raise StageError(f"{stage_dir} holds a model with heads, not a bare Transformer")
@@ -142,25 +162,44 @@ def load_transformer_params(stage_dir: str, model_cfg: ModelConfig, mesh: Mesh) 
 
 
 def init_from_stage(source: str, model: dict, workdir: str, expected: tuple[str, ...]):
-    """(run_info, ModelConfig, Tokenizer) of `source` (`config.init_from`), a finished earlier
-    stage; runtime model fields come from `model` (`config.model`).
+    """(run_info, ModelConfig, Tokenizer) of `source` (`config.init_from`): a finished earlier
+    stage, or a Hugging Face checkpoint directory (run_info {"stage": "hf"}); runtime model
+    fields come from `model` (`config.model`).
 
     The tokenizer is copied into `workdir` so this stage's directory is self-contained.
     """
     if not source:
         raise StageError(f"config.init_from is empty: point it at a finished "
-                         f"{' or '.join(expected)} stage directory")
+                         f"{' or '.join(expected)} stage directory, or set "
+                         f"config.init_from_hf to a Hugging Face model directory")
+    os.makedirs(workdir, exist_ok=True)
+    if open_models.is_hf_model_dir(source):
+        name = main_process_first(lambda: open_models.copy_hf_tokenizer(source, workdir),
+                                  "hf-tokenizer")
+        model_cfg = open_models.hf_model_config(source, model)
+        tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, name))
+        check_vocab(model_cfg, tokenizer)
+        return {"stage": "hf", "tokenizer": name}, model_cfg, tokenizer
     info = read_run_info(source)
     if info.get("stage") not in expected:
         raise StageError(f"init_from={source!r} is a {info.get('stage')!r} stage; "
                          f"this stage starts from {' or '.join(expected)}")
-    tokenizer_path = os.path.join(source, info.get("tokenizer", TOKENIZER_FILE))
-    tokenizer = tok_lib.load_tokenizer(tokenizer_path)
-    os.makedirs(workdir, exist_ok=True)
-    local = os.path.join(workdir, TOKENIZER_FILE)
-    if is_main_process() and not os.path.exists(local):
-        shutil.copyfile(tokenizer_path, local)
+    name = info.get("tokenizer", TOKENIZER_FILE)
+    tokenizer = tok_lib.load_tokenizer(os.path.join(source, name))
+    copy_tokenizer(os.path.join(source, name), os.path.join(workdir, name))
     return info, model_config_from(info, model), tokenizer
+
+
+def copy_tokenizer(source: str, target: str, *, replace: bool = False) -> None:
+    """Copies a tokenizer file or directory (process 0; an existing copy is kept unless
+    `replace`)."""
+    if not is_main_process() or (os.path.exists(target) and not replace):
+        return
+    if os.path.isdir(source):
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(source, target)
+
 
 
 def demo_task_paths(data: DataSettings, workdir: str) -> dict[str, str]:
