@@ -90,7 +90,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     Anything else is a bug of ours and keeps its traceback.
     """
+    from instructjax.data.chat_template import ChatTemplateError
     from instructjax.data.jsonl import DataFormatError
+    from instructjax.model import hf
     from instructjax.parallel.mesh import MeshConfigError
     from instructjax.stages.common import StageError
     from instructjax.train.checkpoint import CheckpointMismatchError, CheckpointSaveError
@@ -98,7 +100,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from instructjax.train.host_state import ProcessCountMismatchError
     return (StageError, MeshConfigError, DataFormatError, FileNotFoundError,
             CheckpointMismatchError, CheckpointSaveError, DivergenceError,
-            ProcessCountMismatchError)
+            ProcessCountMismatchError, hf.UnsupportedCheckpointError,
+            hf.CheckpointMismatchError, ChatTemplateError)
 
 
 def main(argv):
