@@ -24,7 +24,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from experiments.run import user_errors
+    from instructjax.stages.errors import user_errors
     from instructjax.stages import export
     try:
         out = export.export_stage(_WORKDIR.value, _OUT.value,

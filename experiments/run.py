@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import base
+from instructjax.stages.errors import user_errors  # noqa: F401 (re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
@@ -83,25 +84,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as err:  # e.g. `--config.train.steps=ten`: absl names flag and value
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that are the user's to fix: printed as one line, exit code 1.
-
-    Anything else is a bug of ours and keeps its traceback.
-    """
-    from instructjax.data.chat_template import ChatTemplateError
-    from instructjax.data.jsonl import DataFormatError
-    from instructjax.model import hf
-    from instructjax.parallel.mesh import MeshConfigError
-    from instructjax.stages.common import StageError
-    from instructjax.train.checkpoint import CheckpointMismatchError, CheckpointSaveError
-    from instructjax.train.divergence import DivergenceError
-    from instructjax.train.host_state import ProcessCountMismatchError
-    return (StageError, MeshConfigError, DataFormatError, FileNotFoundError,
-            CheckpointMismatchError, CheckpointSaveError, DivergenceError,
-            ProcessCountMismatchError, hf.UnsupportedCheckpointError,
-            hf.CheckpointMismatchError, ChatTemplateError)
 
 
 def main(argv):

@@ -59,7 +59,7 @@ def decode_responses(response: np.ndarray, response_mask: np.ndarray, tokenizer)
     """Response token rows [N, R] -> texts, cut at the mask (EOS and padding dropped)."""
     texts = []
     for ids, keep in zip(np.asarray(response), np.asarray(response_mask)):
-        ids = [int(t) for t, k in zip(ids, keep) if k and t != tokenizer.eos_id]
+        ids = [int(t) for t, k in zip(ids, keep) if k and int(t) not in tokenizer.eos_ids]
         texts.append(tokenizer.decode(ids))
     return texts
 
@@ -100,7 +100,7 @@ def generate_texts(model, params, tokens: np.ndarray, mask: np.ndarray, tokenize
             index = np.concatenate([np.arange(start, start + rows), fill]).astype(int)
             out = rollout.generate(
                 model, params, tokens[index], mask[index], key,
-                **sampling.options(greedy=greedy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+                **sampling.options(greedy=greedy, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id))
             response, response_mask, out_ended = fetch((out.response, out.response_mask,
                                                         out.ended))
             kept = rows * num_samples
