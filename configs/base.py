@@ -49,6 +49,9 @@ def get_base(stage: str, model: str = "tiny") -> ml_collections.ConfigDict:
         text_field="text",
         seq_len=128,
         demo_seed=0,
+        # dialogue data: skip malformed records (counted, with a warning naming the first
+        # file:line) instead of stopping at the first; real dumps hold a few (HH-RLHF's prompts)
+        skip_malformed=False,
     ))
 
     # ChatYuan's unified Input->Output format: "用户：{q}\n小元：{a}".
@@ -125,7 +128,8 @@ STAGE_SECTIONS = {
 # in ppo.minibatch_size minibatches, not train.batch_size; the reward model's score
 # statistics sample one answer per prompt from its own prompt list.
 UNUSED_KEYS = {
-    "tokenizer": ("data.seq_len", "data.eval_percent"),
+    "tokenizer": ("data.seq_len", "data.eval_percent", "data.skip_malformed"),
+    "pretrain": ("data.skip_malformed",),
     "sft": ("data.text_field",),
     "reward": ("data.text_field", "eval.num_prompts", "eval.num_samples"),
     "ppo": ("data.text_field", "train.batch_size", "train.grad_accum_steps",

@@ -145,7 +145,9 @@ def imported_reward_stats(s: settings.StageSettings, workdir: str, rm, rm_params
     if os.path.exists(path):
         return workdirs.read_reward_stats(workdir)
     train_paths, _ = workdirs.stage_data_paths(s.data, workdir, "prompts_train", "prompts_eval")
-    prompts = dialogue_sources.read_records(train_paths, "prompt")[0][:IMPORTED_RM_STAT_PROMPTS]
+    prompts = dialogue_sources.read_records(train_paths, "prompt",
+                                            skip_malformed=s.data.skip_malformed)[0]
+    prompts = prompts[:IMPORTED_RM_STAT_PROMPTS]
     tokens, mask = true_score_lib.encode_prompts(
         prompts, tokenizer, s.chat.template_for(tokenizer), max_prompt_len=s.ppo.hyper.prompt_len,
         max_turns=s.chat.max_turns)
@@ -408,7 +410,8 @@ def evaluate(r: PPORun, params, iteration: int, writer) -> dict:
         return {}
     result = true_score_lib.evaluate_sets(
         ac.policy_params(params), iteration, model=r.policy_model, tokenizer=r.tokenizer,
-        template=r.s.chat.template_for(r.tokenizer), prompt_sets=r.eval_sets, eval_cfg=r.s.eval, mesh=r.mesh)
+        template=r.s.chat.template_for(r.tokenizer), prompt_sets=r.eval_sets, eval_cfg=r.s.eval,
+        mesh=r.mesh)
     writer.write(iteration, "eval", result)
     lifecycle.say("ppo", f"eval @ {iteration}: true_score {result['true_score']:.3f} "
                          f"(sampled {result['true_score_sampled']:.3f}, eos "
@@ -514,7 +517,7 @@ def _data(s: settings.StageSettings, workdir: str, tokenizer):
                                                         "prompts_eval")
     prompt_sources = dialogue_sources.build_prompt_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=s.data.eval_percent)
+        eval_percent=s.data.eval_percent, skip_malformed=s.data.skip_malformed)
     prompt_len = ppo.hyper.prompt_len
     to_example = functools.partial(prompt_example, tokenizer=tokenizer,
                                    template=s.chat.template_for(tokenizer),

@@ -88,7 +88,8 @@ def _stat_prompts(s: settings.StageSettings, workdir: str) -> list[formats.Promp
     count = s.reward.stats_samples
     if s.data.path:
         # user comparison data: their contexts are the prompts the policy will see
-        records, _ = dialogue_sources.read_records(s.data.path, "comparison")
+        records, _ = dialogue_sources.read_records(s.data.path, "comparison",
+                                                   skip_malformed=s.data.skip_malformed)
         return [formats.Prompt(r.context) for r in records[:count]]
     prompts_path = workdirs.demo_task_paths(s.data, workdir)["prompts_train"]
     records, _ = dialogue_sources.read_records(prompts_path, "prompt")
@@ -105,7 +106,7 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
                                                         "comparisons_eval")
     sources = common.main_process_first(lambda: dialogue_sources.build_comparison_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=s.data.eval_percent), "tfds")
+        eval_percent=s.data.eval_percent, skip_malformed=s.data.skip_malformed), "tfds")
     seq_len, batch_size = s.data.seq_len, s.train_batch_size
     k = _num_responses(s.reward.num_responses, sources)
     to_example = functools.partial(comparison_example, tokenizer=tokenizer,

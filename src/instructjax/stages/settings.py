@@ -32,6 +32,7 @@ class DataSettings:
     eval_percent: int = 5
     seq_len: int = 128
     text_field: str = "text"
+    skip_malformed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,8 @@ def _data_from(config: Any) -> DataSettings | None:
     if d is None:
         return None
     optional = {}  # keys some stages' schemas lack (configs/base.UNUSED_KEYS)
-    for name, kind in (("eval_percent", int), ("seq_len", int), ("text_field", str)):
+    for name, kind in (("eval_percent", int), ("seq_len", int), ("text_field", str),
+                       ("skip_malformed", bool)):
         if name in d:
             optional[name] = kind(d[name])
     return DataSettings(path=str(d.path), eval_path=str(d.eval_path),

@@ -42,7 +42,7 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     train_paths, eval_paths = workdirs.stage_data_paths(s.data, workdir, "sft_train", "sft_eval")
     sources = common.main_process_first(lambda: dialogue_sources.build_sft_source(
         train_paths, eval_paths, os.path.join(workdir, "data", "tfds"),
-        eval_percent=s.data.eval_percent), "tfds")
+        eval_percent=s.data.eval_percent, skip_malformed=s.data.skip_malformed), "tfds")
 
     seq_len, batch_size = s.data.seq_len, s.train_batch_size
     to_document = functools.partial(
