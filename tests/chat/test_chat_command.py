@@ -69,3 +69,20 @@ def test_chat_command_refuses_a_missing_directory(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 1 and "is not a directory" in out.stderr, out.stderr[-2000:]
+
+
+def test_history_is_cut_oldest_first_to_fit_the_context(tmp_path):
+    write_random_hf_model(tmp_path, "qwen2", TEXTS, tokenizer_vocab=500, seed=2,
+                          max_seq_len=192)
+    loaded = load_chat_model(str(tmp_path))
+    decoder = StreamingDecoder(loaded.model_cfg, loaded.params, loaded.tokenizer.eos_ids)
+    options = SamplingOptions(max_new_tokens=8, greedy=True)
+    session = ChatSession(decoder, loaded.tokenizer, loaded.template, options)
+    questions = [f"问题 {i}：{i} 加 {i} 等于多少？ What is {i} plus {i}?" for i in range(6)]
+    for question in questions:
+        session.answer(question)
+        assert len(session.prompt_ids("再来一个")) <= 192 - 8
+    assert session.truncations, "six exchanges do not fit 184 tokens: some had to be cut"
+    # the newest exchange survives the cut, the oldest does not
+    prompt = loaded.tokenizer.decode(session.prompt_ids("再来一个"))
+    assert questions[-1] in prompt and questions[0] not in prompt

@@ -214,3 +214,33 @@ def test_template_pickles_and_chatyuan_spans_are_unchanged(toks):
     assert chat_encoding._spans(DIALOGUE, chatyuan, cue=False) == \
         chatyuan.spans(DIALOGUE, cue=False)
     assert chatyuan.answer_text(DIALOGUE[:-1], "x") == "x"
+
+
+def test_a_base_models_template_end_of_turn_ends_answers_and_generation(dirs, tmp_path):
+    # Qwen2.5 base names only <|endoftext|> as its EOS, while its ChatML template closes
+    # every answer with <|im_end|>: answers must be trained to end there and generation
+    # must stop there, exactly as the rendered template says.
+    import json
+    import shutil
+    base = tmp_path / "qwen2_base"
+    shutil.copytree(dirs["qwen2"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = json.loads((base / "generation_config.json").read_text())
+    end_of_text = generation["eos_token_id"][1]
+    generation["eos_token_id"] = end_of_text
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    tok = tok_lib.load_tokenizer(base)
+    im_end = tok.encode("<|im_end|>")
+    assert len(im_end) == 1 and tok.eos_id == end_of_text
+    assert tok.eos_ids == (end_of_text, im_end[0])
+    template = chat_template.chat_template_for(tok, "model")
+    tokens, weights = chat_encoding.encode_sft(Dialogue(DIALOGUE), tok, template,
+                                               max_length=1024)
+    assert tokens[-1] == im_end[0] and end_of_text not in tokens
+    ref = _transformers().AutoTokenizer.from_pretrained(base, local_files_only=True)
+    whole = ref.apply_chat_template(_messages(DIALOGUE), tokenize=True, return_dict=False)
+    assert tokens == whole[:len(tokens)]
+    assert all(r[-1] == im_end[0] for r in _runs(tokens, weights))
+    assert chat_template.end_of_turn_token("{{ messages[0]['content'] }}", {}, ["<x>"]) is None

@@ -16,7 +16,7 @@ PAD, EOS = 0, 3
 
 class IdsTokenizer:
     """Decodes token ids to their decimal spelling, so texts identify token sequences."""
-    pad_id, eos_id = PAD, EOS
+    pad_id, eos_id, eos_ids = PAD, EOS, (EOS,)
 
     def decode(self, ids):
         return " ".join(str(i) for i in ids)

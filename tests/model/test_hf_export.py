@@ -124,7 +124,7 @@ def test_info_ids_architecture_and_generation_config(tmp_path):
 
 
 class _FakeTokenizer:
-    bos_id, eos_id, pad_id = 2, 3, 0
+    bos_id, eos_id, pad_id, eos_ids = 2, 3, 0, (3,)
 
     def save_pretrained(self, path):
         with open(os.path.join(path, "tokenizer.json"), "w") as f:
@@ -207,3 +207,27 @@ def test_reward_export_needs_a_pad_id(tmp_path):
               "head": {"kernel": jnp.zeros((64,)), "bias": jnp.zeros(())}}
     with pytest.raises(ValueError, match="pad token id"):
         save_hf_reward(params, BASE, tmp_path)
+
+
+def test_every_eos_id_and_the_chosen_pad_survive_an_export(tmp_path):
+    # LLaMA 3 ends turns with <|eot_id|> and texts with <|end_of_text|>; a Qwen-style pad
+    # that is also an EOS is replaced by another token (tokenizer_meta.choose_pad_id)
+    from instructjax.data import tokenizer as tok_lib
+    from instructjax.data import tokenizer_files
+    texts = ["Hello there, how are you? 你好 🙂", "1 plus 2 is 3."] * 30
+    for family in ("llama3", "qwen2"):
+        source = tokenizer_files.build_hf_tokenizer_dir(tmp_path / family, texts, family,
+                                                        vocab_size=400)
+        tokenizer = tok_lib.load_tokenizer(source)
+        cfg = BASE.replace(vocab_size=max(BASE.vocab_size, tokenizer.vocab_size))
+        out = save_hf(random_params(cfg, 5), cfg, tmp_path / f"{family}_out",
+                      tokenizer=tokenizer)
+        again = tok_lib.load_tokenizer(out)
+        assert again.eos_ids == tokenizer.eos_ids and again.pad_id == tokenizer.pad_id, family
+        _, _, info = load_hf(out)
+        eos = info["eos_token_id"]
+        assert (list(eos) if isinstance(eos, list) else [eos]) == list(tokenizer.eos_ids)
+        assert info["pad_token_id"] == tokenizer.pad_id
+        if len(tokenizer.eos_ids) > 1:
+            generation = json.load(open(os.path.join(out, "generation_config.json")))
+            assert generation["eos_token_id"] == list(tokenizer.eos_ids), family

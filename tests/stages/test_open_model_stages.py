@@ -123,6 +123,11 @@ def test_sft_trains_with_the_models_chat_template_and_keeps_its_tokenizer(sft_di
     assert tokenizer.encode("<|im_start|>user") == tok_lib.load_tokenizer(qwen_dir).encode(
         "<|im_start|>user")
     assert tokenizer.bos_id is None and len(tokenizer.eos_ids) >= 1
+    # the first training dialogue as SFT encoded it: ChatML, loss on the answers + <|im_end|>
+    example = open(os.path.join(sft_dir, "encoded_example.txt"), encoding="utf-8").read()
+    assert example.startswith("<|im_start|>system\n") and "用户：" not in example
+    assert "<|im_start|>assistant\n⟦" in example and example.rstrip().endswith("<|im_end|>⟧")
+    assert workdirs.read_run_info(sft_dir)["chat_format"] == "model"
 
 
 def test_reward_and_ppo_from_the_imported_sft_and_an_imported_reward_model(root, sft_dir,
@@ -131,6 +136,11 @@ def test_reward_and_ppo_from_the_imported_sft_and_an_imported_reward_model(root,
     assert workdirs.read_run_info(reward_dir)["tokenizer"] == open_models.TOKENIZER_DIR
     # the reward stage exported a Qwen2ForSequenceClassification that re-imports exactly
     rm_params, rm_cfg, _ = hf.load_hf_reward(str(root / "reward_hf"))
+    from instructjax.model.heads import RewardModel
+    from instructjax.parallel import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    trained = workdirs.load_params(reward_dir, RewardModel(rm_cfg), mesh)
+    chex.assert_trees_all_equal(jax.device_get(trained), jax.device_get(rm_params))
     hf_config = json.load(open(root / "reward_hf" / "config.json"))
     assert hf_config["architectures"] == ["Qwen2ForSequenceClassification"]
 
@@ -155,6 +165,24 @@ def test_reward_and_ppo_from_the_imported_sft_and_an_imported_reward_model(root,
     assert out.returncode == 0, out.stderr[-3000:]
     assert (root / "ppo_hf_cmd" / "model.safetensors").read_bytes() == \
         (root / "ppo_hf" / "model.safetensors").read_bytes()
+
+
+def test_reward_and_ppo_start_directly_from_the_imported_model(root, qwen_dir, reward_dir):
+    # reward: the imported LM as the trunk, a fresh head
+    c = _train(base.get_base("reward"), steps=1)
+    c.init_from_hf = qwen_dir
+    c.chat.format = "model"
+    c.data.seq_len = 256
+    c.reward.stats_samples = 4
+    c.eval.update(dict(batch_size=4, max_prompt_len=192, max_new_tokens=4))
+    workdir = str(root / "reward_from_hf")
+    get_stage("reward")(c, workdir)
+    assert os.path.isfile(os.path.join(workdir, workdirs.REWARD_STATS))
+    # PPO: policy and frozen reference both from the imported model
+    ppo_dir = _ppo(root, qwen_dir, reward_dir, "ppo_from_hf")
+    train = [r for r in read_metrics(ppo_dir) if r["split"] == "train"]
+    # the policy starts as the reference: the first minibatch's ratio is exactly 1
+    assert train[0]["first_minibatch_ratio"] == 1.0 and np.isfinite(train[0]["score"])
 
 
 def test_export_refuses_an_unfinished_or_modelless_stage(root, tmp_path):

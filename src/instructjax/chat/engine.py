@@ -56,17 +56,18 @@ class SamplingOptions:
 
 @dataclasses.dataclass
 class StreamStats:
-    """What one answer cost: prompt tokens, new tokens, prefill and decode seconds."""
+    """What one answer cost: prompt tokens, new tokens (EOS not counted), prefill seconds
+    (which also sample the first token), and the decode steps after it with their seconds."""
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0
+    decode_steps: int = 0
     decode_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
-        """Decode speed: new tokens after the first over the decode time."""
-        steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        """Decode speed: tokens sampled by single-token steps per second of those steps."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 def _choose(logits_V, key, options: SamplingOptions):
@@ -162,4 +163,5 @@ class StreamingDecoder:
                                  jnp.int32(bucket + i - 1), kv_mask, options,
                                  jax.random.fold_in(key, i))
             token_id = int(token)
+            stats.decode_steps = i
             stats.decode_seconds = time.perf_counter() - start

@@ -59,7 +59,7 @@ def _template(tokenizer, chat_format: str, section: dict):
 
 def _single_device_mesh():
     from instructjax.parallel import mesh as mesh_lib
-    return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
 
 
 def load_chat_model(path: str, *, chat_format: str = "auto", dtype: str = "float32"

@@ -470,3 +470,32 @@ def collate_comparisons(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndar
         lengths[b, :len(order)] = length
         ranks[b, np.asarray(order)] = np.arange(len(order))
     return {"tokens": tokens, "lengths": lengths, "ranks": ranks}
+
+
+def _visible_text(ids: Sequence[int], tokenizer) -> str:
+    """Text of `ids` with special tokens spelled out (decode drops them)."""
+    out, run = [], []
+    for token in ids:
+        if tokenizer.decode([token]) == "" and tokenizer.token_text(token):
+            out.append(tokenizer.decode(run))
+            out.append(tokenizer.token_text(token))
+            run = []
+        else:
+            run.append(token)
+    return "".join(out) + tokenizer.decode(run)
+
+
+def describe_encoding(tokens: Sequence[int], weights: Sequence[float], tokenizer) -> str:
+    """A sequence as the model reads it, the trained tokens (weight > 0) inside ⟦ ⟧.
+
+    For the eye, and for tests that check which template and mask a stage used: special
+    tokens (BOS, <|im_start|>, EOS) are spelled out instead of dropped.
+    """
+    parts: list[str] = []
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or (weights[i] > 0) != (weights[start] > 0):
+            text = _visible_text(tokens[start:i], tokenizer)
+            parts.append(f"⟦{text}⟧" if weights[start] > 0 else text)
+            start = i
+    return "".join(parts)

@@ -119,7 +119,7 @@ class JinjaChatTemplate:
             ValueError: naming the tokenizer's path when it has no chat template.
         """
         if not tokenizer.chat_template:
-            raise ValueError(
+            raise ChatTemplateError(
                 f"tokenizer {tokenizer.model_path} has no chat template (no chat_template in "
                 "tokenizer_config.json, no chat_template.jinja); use the 'chatyuan' template")
         markers = [tokenizer.token_text(i) for i in tokenizer.eos_ids] + [tokenizer.eos_token]
@@ -215,6 +215,37 @@ class JinjaChatTemplate:
         ending with a user turn): what the model generates after the generation prompt."""
         spans = self.spans((*context, Turn("assistant", content)), cue=False)
         return next(text for text, is_answer in reversed(spans) if is_answer)
+
+
+_SENTINEL = "Qz7xW"  # an answer text no template contains
+
+
+def end_of_turn_token(source: str, named_tokens: dict[str, str],
+                      special_tokens: Sequence[str]) -> str | None:
+    """The special token a chat template closes an assistant message with, or None.
+
+    Rendered on a one-exchange probe: the first of `special_tokens` right after the answer
+    (whitespace allowed between), e.g. "<|im_end|>" for ChatML. A base model's tokenizer
+    often names another EOS (Qwen2.5 base: <|endoftext|>), yet a model chatting in the
+    template must stop at the template's end of turn.
+
+    Args:
+        source: the Jinja template; named_tokens: {"bos_token": "<s>", ...} variables;
+        special_tokens: the tokenizer's special token texts.
+    """
+    probe = (Turn("user", "x"), Turn("assistant", _SENTINEL))
+    try:
+        text = compile_template(source).render(
+            messages=[{"role": t.role, "content": t.content} for t in probe], tools=None,
+            documents=None, add_generation_prompt=False, **named_tokens)
+    except jinja2.exceptions.TemplateError:
+        return None  # a template that refuses the probe marks no end of turn
+    at = text.find(_SENTINEL)
+    if at < 0:
+        return None
+    after = text[at + len(_SENTINEL):].lstrip()
+    return next((t for t in sorted(special_tokens, key=len, reverse=True)
+                 if t and after.startswith(t)), None)
 
 
 def model_chat_template(tokenizer) -> JinjaChatTemplate:

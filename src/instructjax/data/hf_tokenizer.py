@@ -134,13 +134,26 @@ class HFTokenizer:
         return token_id
 
     def _read_eos_ids(self) -> tuple[int, ...]:
-        extra = self._meta.generation_eos_ids()
+        extra = list(self._meta.generation_eos_ids())
         primary = self._named_id("eos_token")
         if primary is None and not extra:
             raise ValueError(f"tokenizer {self._dir} names no EOS token: set eos_token in "
                              f"{meta_lib.CONFIG_FILE} or eos_token_id in "
                              f"{meta_lib.GENERATION_FILE}")
-        return meta_lib.eos_tuple(extra[0] if primary is None else primary, extra)
+        end_of_turn = self._template_end_of_turn()
+        if end_of_turn is not None and end_of_turn not in extra:
+            extra.append(end_of_turn)
+        return meta_lib.eos_tuple(extra[0] if primary is None else primary, tuple(extra))
+
+    def _template_end_of_turn(self) -> int | None:
+        """The id of the special token the chat template ends an answer with (ChatML's
+        <|im_end|>), which ends generation too, whatever EOS the files name."""
+        if not self._meta.chat_template:
+            return None
+        from instructjax.data.chat_template import end_of_turn_token
+        text = end_of_turn_token(self._meta.chat_template, self._meta.named_tokens(),
+                                 [t for _, t in self._specials])
+        return None if text is None else self._tok.token_to_id(text)
 
     def __getstate__(self) -> dict:
         return {"dir": self._dir, "json": self._json, "meta": self._meta,
@@ -259,7 +272,9 @@ class HFTokenizer:
 
     def _config_for_saving(self) -> dict[str, Any]:
         if self._meta.config:
-            return dict(self._meta.config)
+            # the pad this tokenizer chose (tokenizer_meta.choose_pad_id), so transformers
+            # pads with the id config.json records
+            return {**self._meta.config, "pad_token": self.token_text(self._pad)}
         # A bare tokenizer.json: TokenizersBackend loads it as it is.
         config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "add_bos_token": self._add_bos, "clean_up_tokenization_spaces": False}

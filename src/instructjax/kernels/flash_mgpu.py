@@ -1,54 +1,45 @@
 """Flash attention for Hopper GPUs (sm_90) in Pallas Mosaic GPU: the tiles, the warpgroup
 pipeline all kernels share, and the forward (dQ and dK/dV: flash_mgpu_bwd.py).
 
-The Triton kernels of `flash.py` express one program as whole-array operations and
-leave the pipelining to Triton. On Hopper the fast formulation (FlashAttention-3, Shah et al.,
-arXiv:2407.08608) needs what Triton does not expose: warpgroup matrix multiplies (wgmma) that
-read shared memory directly, tensor-memory-accelerator (TMA) copies, and warp specialisation.
-Mosaic GPU exposes all three, so these files write that schedule explicitly.
+The Triton kernels of `flash.py` leave the pipelining to Triton. On Hopper the fast
+formulation (FlashAttention-3, Shah et al., arXiv:2407.08608) needs what Triton does not
+expose and Mosaic GPU does: wgmma reading shared memory, TMA copies, warp specialisation.
 
-Every kernel runs three warpgroups per program (CTA): two compute warpgroups that own 64-row
-tiles each, and a producer warpgroup (`_stream`) that TMA-copies the blocks both compute
-warpgroups walk over through `num_stages` shared-memory slots, refilling a slot once both
-have signalled that they are done with it ("consumed" barriers, two arrivals each).
+Every kernel runs three warpgroups per program (CTA): two compute warpgroups owning 64-row
+tiles, and a producer (`_stream`) TMA-copying the blocks they walk over through `num_stages`
+shared-memory slots, refilling a slot once both are done with it ("consumed" barriers).
 
 - forward: one program per 2 * block_q query rows of one (batch, query head); streams K and V.
-  S = Q K^T is a wgmma from shared memory; P (bf16/f16, in registers) times V is a wgmma with
-  a register operand. "Ping-pong" scheduling: a two-arrival barrier makes the compute
-  warpgroups alternate, so one runs its softmax (exp on the multi-function units) while the
-  other's matmul holds the tensor cores.
+  S = Q K^T is a wgmma from shared memory, P (registers) V a wgmma with a register operand.
+  "Ping-pong": a two-arrival barrier alternates the compute warpgroups, so one runs its
+  softmax while the other's matmul holds the tensor cores.
 - dQ and dK/dV (flash_mgpu_bwd.py): programs over query rows and over key rows;
   dK/dV streams all G query heads of its kv head, so GQA is reduced without atomics.
 
-Numerics: softmax exponents are base 2. With c = sm_scale * log2(e), the forward keeps its
-running max m in units of c * score and p = exp2(c * s - m), one fused multiply-add per
-exponent. The LSE it writes is the natural log of the scaled scores, the quantity the Triton
-and interpreter kernels save, so forward and backward of either family mix; the backward
-rescales it to base 2 once outside the kernels.
+Numerics: exponents are base 2: with c = sm_scale * log2(e), the running max m is in units
+of c * score and p = exp2(c * s - m), one FMA per exponent. The LSE written is the natural
+log of the scaled scores (what the Triton and interpreter kernels save, so forward and
+backward of either family mix); the backward rescales it to base 2 outside the kernels.
 
 Scope (the wrapper in flash.py falls back to Triton outside it): bf16 or f16,
 head dim a multiple of 64 up to 256 (backward: up to 128, shared memory); the query length
 a multiple of MosaicBlocks.q_multiple and the key length of kv_multiple (the wrapper pads;
 under causal masking padded keys follow every real query, so they need no mask; otherwise
-they get segment id 0). Causal programs visit only the blocks on their side of the
-diagonal and mask elementwise only on the blocks that cross it. Every causal row sees at
-least key 0 in the first block it visits, so the running max is finite from the first step
-on and no row can produce 0/0.
+they get segment id 0). Causal programs visit only blocks on their side of the diagonal,
+masking only those crossing it; every causal row sees key 0 first, so no 0/0 arises.
 
-Segment ids (packed documents, and the wrapper's mask of padded keys): `segment_tables`
-holds the kind (SKIP / FULL / MASKED, block_sparsity.block_kind_table) of every (row
-block, column block) pair and each row block's [lo, hi) of non-SKIP columns (rows: 64
-query rows; in dK/dV, key rows). A program streams the union of its two rows' ranges,
+Segment ids (packed documents, the wrapper's padded keys): `segment_tables` holds the kind
+(SKIP / FULL / MASKED, block_sparsity.block_kind_table) of every (row block, column block)
+and each row block's [lo, hi) of non-SKIP columns (rows: 64 query rows; dK/dV: key rows). A program streams the union of its two rows' ranges,
 with the column blocks' ids as one more TMA stream; each compute warpgroup reads one kind
 per block, passes over SKIP blocks (those outside its own range included, keeping the
 forward's ping-pong count), runs FULL blocks unmasked and masks MASKED ones with the ids.
-A query row may then see nothing (padding): the forward masks scores with a finite value
-and selects the weights to 0, so such rows give 0 and an LSE of -inf, as the Triton
-kernels do; the backward's selects turn their exp2(s - (-inf)) = inf into 0, so their
-gradients are 0.
+A row may then see nothing (padding): the forward masks scores with a finite value and
+selects the weights to 0, so it gives 0 and an LSE of -inf, as the Triton kernels do; the
+backward's selects turn exp2(s - (-inf)) = inf into 0 gradients.
 
-Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
-D head dim; bq / bk query / kv block sizes.
+Letters: B batch, T / S query / key length, H query heads, K kv heads, G = H // K, D head
+dim; bq / bk query / kv block sizes.
 """
 from __future__ import annotations
 

@@ -54,8 +54,9 @@ def export_stage(stage_dir: str, out_dir: str, *,
                          f"{ckpt_lib.PARAMS_DIR}/ yet); resume it, then export")
     model_cfg = ModelConfig.from_dict(info["model"])
     tokenizer = tok_lib.load_tokenizer(os.path.join(stage_dir, info["tokenizer"]))
-    # One device: the export gathers every tensor on this host anyway.
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    # One local device: the export gathers every tensor on this host anyway (every process
+    # reads the params, process 0 writes).
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
     if stage == "reward":
         params = workdirs.load_params(stage_dir, RewardModel(model_cfg), mesh)
         save = hf.save_hf_reward

@@ -15,7 +15,7 @@ import shutil
 from typing import Any
 
 from instructjax.model.config import ModelConfig
-from instructjax.stages.common import StageError, is_main_process
+from instructjax.stages.common import StageError
 
 HF_CONFIG = "config.json"
 RUN_INFO = "run_info.json"
@@ -61,13 +61,16 @@ def hf_model_config(model_dir: str, model: dict, *, reward: bool = False) -> Mod
         family, _ = configs.family_of(hf_config, kinds)
         cfg = configs.model_config_from_hf(hf_config, family,
                                            scan_layers=bool(model.get("scan_layers", True)))
+        # e.g. attention_impl="pallas" with a Mistral window is refused here, by name
+        return cfg.replace(**{k: model[k] for k in IMPORT_MODEL_FIELDS if k in model})
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise StageError(f"{model_dir}: {err}") from err
-    return cfg.replace(**{k: model[k] for k in IMPORT_MODEL_FIELDS if k in model})
 
 
 def copy_hf_tokenizer(model_dir: str, workdir: str) -> str:
-    """Copies the tokenizer files of `model_dir` into WORKDIR/tokenizer/ (process 0; once).
+    """Copies the tokenizer files of `model_dir` into WORKDIR/tokenizer/, once: a resumed
+    run keeps the copy it started with. Every process copies what it does not find (a
+    host-local workdir has no process 0 copy); each file lands whole (write, then rename).
 
     Returns:
         "tokenizer", the path relative to the workdir that run_info.json records.
@@ -77,10 +80,16 @@ def copy_hf_tokenizer(model_dir: str, workdir: str) -> str:
         raise StageError(f"{model_dir} holds no tokenizer.json or tokenizer.model: a Hugging "
                          "Face model needs its tokenizer files to be trained or sampled here")
     target = os.path.join(workdir, TOKENIZER_DIR)
-    if is_main_process():
-        os.makedirs(target, exist_ok=True)
-        for name in present:
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(target, name))
+    if os.path.isdir(target):
+        return TOKENIZER_DIR
+    staging = f"{target}.tmp{os.getpid()}"
+    os.makedirs(staging, exist_ok=True)
+    for name in present:
+        shutil.copyfile(os.path.join(model_dir, name), os.path.join(staging, name))
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(staging)
     return TOKENIZER_DIR
 
 

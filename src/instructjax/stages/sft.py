@@ -37,7 +37,7 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
     s = workdirs.start_stage(config, workdir)
     model_cfg, tokenizer, mesh = workdirs.from_earlier_stage(s, workdir, ("pretrain", "sft"))
     model = Transformer(model_cfg)
-    template = s.chat.template
+    template = s.chat.template_for(tokenizer)
 
     train_paths, eval_paths = workdirs.stage_data_paths(s.data, workdir, "sft_train", "sft_eval")
     sources = common.main_process_first(lambda: dialogue_sources.build_sft_source(
@@ -45,11 +45,11 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
         eval_percent=s.data.eval_percent, skip_malformed=s.data.skip_malformed), "tfds")
 
     seq_len, batch_size = s.data.seq_len, s.train_batch_size
-    to_document = functools.partial(
-        sft_document, tokenizer=tokenizer, template=template, max_length=seq_len,
-        max_turns=s.chat.max_turns, train_on=s.sft_train_on,
-        on_truncate=chat_encoding.TruncationLog("sft", f"data.seq_len={seq_len}",
-                                                echo=common.is_main_process()))
+    encode = functools.partial(sft_document, tokenizer=tokenizer, template=template,
+                               max_length=seq_len, max_turns=s.chat.max_turns,
+                               train_on=s.sft_train_on)
+    to_document = functools.partial(encode, on_truncate=chat_encoding.TruncationLog(
+        "sft", f"data.seq_len={seq_len}", echo=common.is_main_process()))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     per_process_batch = batch_size // jax.process_count()
 
@@ -75,5 +75,21 @@ def run(config: Any, workdir: str) -> loop.LoopResult:
         load_initial_params=lambda: workdirs.load_transformer_params(s.init_from, model_cfg,
                                                                      mesh),
         extra_eval=extra_eval, tokens_per_batch=batch_size * seq_len)
-    workdirs.write_run_info(workdir, "sft", model_cfg)
+    workdirs.write_run_info(workdir, "sft", model_cfg, {"chat_format": s.chat.format})
+    if common.is_main_process():
+        write_encoded_example(workdir, sources["train"][0], encode, tokenizer)
     return loop.run_supervised(task, s.loop, s.optim, mesh, workdir)
+
+
+ENCODED_EXAMPLE = "encoded_example.txt"
+
+
+def write_encoded_example(workdir: str, dialogue: formats.Dialogue, encode, tokenizer):
+    """WORKDIR/encoded_example.txt: the first training dialogue as the model reads it
+    (`encode`: dialogue -> sft_document), the tokens the loss covers inside ⟦ ⟧ (what the
+    template and the mask made of the data)."""
+    document = encode(dialogue)
+    text = chat_encoding.describe_encoding(document["tokens"].tolist(),
+                                           document["loss_weights"].tolist(), tokenizer)
+    with open(os.path.join(workdir, ENCODED_EXAMPLE), "w", encoding="utf-8") as f:
+        f.write(text + "\n")

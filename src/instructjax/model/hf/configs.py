@@ -252,7 +252,15 @@ def hf_config_dict(cfg, family, architecture, *, torch_dtype, ids, max_position_
           "max_position_embeddings": int(max_position_embeddings),
           "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
           "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0,
-          "use_cache": True, "dtype": torch_dtype}
+          "use_cache": True, "dtype": torch_dtype, "torch_dtype": torch_dtype}
+    # The pre-5 spelling too: transformers 4.x and serving stacks that read config.json
+    # themselves (vLLM, TGI, llama.cpp's converter) look for rope_theta / rope_scaling and
+    # would otherwise run theta 10000 without scaling.
+    hf["rope_theta"] = cfg.rope_theta
+    if cfg.rope_scaling != "none":
+        legacy = dict(_rope_parameters(cfg))
+        legacy.pop("rope_theta")
+        hf["rope_scaling"] = legacy
     hf.update(_family_entries(family, cfg))
     hf.update({key: ids.get(key) for key in _SPECIAL_IDS})
     return hf

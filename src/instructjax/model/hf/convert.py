@@ -20,6 +20,7 @@ import numpy as np
 
 from instructjax.model.heads import RewardModel
 from instructjax.model.hf import configs, layout, safetensors_io
+from instructjax.model.hf.safetensors_io import CheckpointMismatchError
 from instructjax.model.transformer import Transformer, init_boxed_params
 from instructjax.parallel import mesh as mesh_lib
 
@@ -27,10 +28,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size, 5 G
 _LOAD_THREADS = min(8, os.cpu_count() or 1)
 # Tensors older checkpoints carry that hold no weights: RoPE's cached inverse frequencies.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tensors are not the ones its config.json describes."""
 
 
 # ---------------------------------------------------------------- import
@@ -316,12 +313,17 @@ def _special_ids(info, tokenizer):
     """bos/eos/pad ids from info, else from the tokenizer's bos_id/eos_id/pad_id."""
     info = info or {}
     ids = {}
-    for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
+    for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_ids"),
                       ("pad_token_id", "pad_id")):
         value = info.get(key)
         if value is None and tokenizer is not None:
             value = getattr(tokenizer, attr, None)
         ids[key] = value
+    eos = ids["eos_token_id"]
+    # every id that ends generation (LLaMA 3's <|eot_id|> and <|end_of_text|>): a list
+    # when there are several, as the families' own config files write it
+    if isinstance(eos, (tuple, list)):
+        ids["eos_token_id"] = list(eos) if len(eos) > 1 else int(eos[0])
     return ids
 
 

@@ -16,6 +16,10 @@ _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors are not the ones its config.json (or index) describes."""
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a checkpoint directory, by name and slice.
 
@@ -47,7 +51,7 @@ class CheckpointReader:
             weight_map = json.load(f)["weight_map"]
         for name, file in weight_map.items():
             if self._file_of.get(name) != file:
-                raise KeyError(f"tensor {name!r} is listed in {INDEX_FILE} under {file} but "
+                raise CheckpointMismatchError(f"tensor {name!r} is listed in {INDEX_FILE} under {file} but "
                                f"that file does not hold it")
 
     def names(self):
